@@ -1,0 +1,66 @@
+# Drawbridge: `make demo` runs the drill in a namespace lab, `make test` runs every test.
+# Both install what they need on a fresh Debian machine (as root) and are idempotent.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := nftables iproute2 openssh-server openssh-client prometheus fping \
+	iptables iputils-ping procps python3-venv
+BENCH_APT_PACKAGES := ansible-core hyperfine
+
+.PHONY: help deps venv demo test test-unit test-lab lint bench clean lab-down
+
+help:
+	@echo "make demo   - isolation drill in a throwaway namespace lab (root)"
+	@echo "make test   - unit + lab tests (root)"
+	@echo "make lint   - ruff + mypy"
+	@echo "make bench  - benchmarks, results in BENCHMARKS.md format"
+
+deps: .stamp-apt
+.stamp-apt: Makefile
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@# the Debian prometheus package starts a server on :9090; the tests run their own
+	@-systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+	@touch $@
+
+venv: $(BIN)/.installed
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+demo: deps venv
+	$(BIN)/python -m drawbridge_lab.demo
+
+test: deps venv
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test-unit: venv
+	$(BIN)/pytest -q tests/unit
+
+test-lab: deps venv
+	$(BIN)/pytest -q tests/lab
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: deps venv
+	@for p in $(BENCH_APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$p); \
+	done
+	$(BIN)/python -m bench
+
+lab-down: venv
+	$(BIN)/drawbridge-lab down --all
+
+clean:
+	rm -rf $(VENV) .stamp-apt .pytest_cache .mypy_cache .ruff_cache

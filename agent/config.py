@@ -1,0 +1,255 @@
+"""Agent configuration: the TOML file an operator writes, validated with precise errors.
+
+Every value that later reaches nftables is parsed into a typed object here
+(networks, ports, protocol keywords), so nothing an operator or a remote caller
+types is ever pasted into a ruleset as text.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from agent.errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Proto = Literal["tcp", "udp", "icmp"]
+Direction = Literal["in", "out", "both"]
+BUILTIN_PROFILES = ("internet", "full")
+RESERVED_PROFILE_NAMES = (*BUILTIN_PROFILES, "open")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                         r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+def parse_network(value: object) -> IPNetwork:
+    """A CIDR (or bare address) as a network; host bits set is an error, not a silent fix."""
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a CIDR string such as '10.0.0.0/8', got {type(value).__name__}")
+    text = value.strip()
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a valid IPv4/IPv6 CIDR ({exc})") from None
+
+
+def parse_name(value: object) -> str:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid name: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def parse_port_range(value: object) -> tuple[int, int]:
+    """A port (443) or an inclusive range ('8000-8100') as (low, high)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a port")
+    if isinstance(value, int):
+        low = high = value
+    elif isinstance(value, str) and re.fullmatch(r"\d{1,5}(-\d{1,5})?", value):
+        lo_text, _, hi_text = value.partition("-")
+        low, high = int(lo_text), int(hi_text or lo_text)
+    elif isinstance(value, list | tuple) and len(value) == 2:
+        low, high = parse_port_range(value[0])[0], parse_port_range(value[1])[0]
+    else:
+        raise ValueError(f"{value!r} is not a port number or a range like '8000-8100'")
+    if not (1 <= low <= high <= 65535):
+        raise ValueError(f"port {value!r} is outside 1-65535 or its range is reversed")
+    return (low, high)
+
+
+Network = Annotated[IPNetwork, BeforeValidator(parse_network)]
+Name = Annotated[str, BeforeValidator(parse_name)]
+PortRange = Annotated[tuple[int, int], BeforeValidator(parse_port_range)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def check_ports_fit_proto(proto: str, ports: tuple[tuple[int, int], ...]) -> None:
+    if proto == "icmp" and ports:
+        raise ValueError("icmp has no ports: remove 'ports' or use proto tcp/udp")
+
+
+class FlowRule(_Model):
+    """A flow a profile or exception lets through: remote CIDR, protocol, ports, direction."""
+
+    cidr: Network
+    proto: Proto
+    ports: tuple[PortRange, ...] = ()
+    direction: Direction = "out"
+
+    @model_validator(mode="after")
+    def _check(self) -> FlowRule:
+        check_ports_fit_proto(self.proto, self.ports)
+        return self
+
+
+class ManagementEntry(_Model):
+    """A flow that stays open in every state (controller SSH, metrics scrape)."""
+
+    cidr: Network | None = None
+    host: str | None = None
+    proto: Proto = "tcp"
+    ports: tuple[PortRange, ...] = ()
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        if value is not None and not HOSTNAME_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a valid hostname")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ManagementEntry:
+        if (self.cidr is None) == (self.host is None):
+            raise ValueError("give exactly one of 'cidr' or 'host'")
+        check_ports_fit_proto(self.proto, self.ports)
+        return self
+
+
+class Profile(_Model):
+    """A named profile: a built-in base plus flows it leaves open to named outside networks."""
+
+    base: Literal["internet", "full"] = "internet"
+    allow: tuple[FlowRule, ...] = ()
+    description: str = Field(default="", max_length=500)
+
+
+class MetricsConfig(_Model):
+    listen: str = "0.0.0.0:9630"
+    enabled: bool = True
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
+            raise ValueError(f"{value!r} is not HOST:PORT (e.g. '0.0.0.0:9630' or '[::]:9630')")
+        bare = host.strip("[]")
+        try:
+            ipaddress.ip_address(bare)
+        except ValueError:
+            raise ValueError(f"{host!r} in {value!r} is not an IP address") from None
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class ProbeExpect(_Model):
+    open: Literal["reachable", "unreachable", "any"] = "any"
+    isolated: Literal["reachable", "unreachable", "any"] = "any"
+
+
+class ProbeConfig(_Model):
+    name: Name
+    type: Literal["icmp", "tcp", "tcp-syn", "dns"]
+    target: str
+    timeout: float = Field(default=1.0, gt=0, le=30)
+    expect: ProbeExpect = ProbeExpect()
+
+
+class AgentConfig(_Model):
+    gateway: Name
+    internal_networks: tuple[Network, ...] = Field(min_length=1)
+    state_dir: Path = Path("/var/lib/drawbridge")
+    reconcile_interval: float = Field(default=5.0, gt=0, le=3600)
+    metrics: MetricsConfig = MetricsConfig()
+    management: tuple[ManagementEntry, ...] = ()
+    profiles: dict[Name, Profile] = Field(default_factory=dict)
+    probes: tuple[ProbeConfig, ...] = ()
+    nft_binary: str = "nft"
+
+    @field_validator("profiles")
+    @classmethod
+    def _profile_names(cls, value: dict[str, Profile]) -> dict[str, Profile]:
+        for name in value:
+            if name in RESERVED_PROFILE_NAMES:
+                raise ValueError(f"profile name {name!r} is built in; choose another name")
+        return value
+
+    @field_validator("probes")
+    @classmethod
+    def _probe_names(cls, value: tuple[ProbeConfig, ...]) -> tuple[ProbeConfig, ...]:
+        names = [p.name for p in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate probe names: {', '.join(dupes)}")
+        return value
+
+    def profile_names(self) -> list[str]:
+        return [*BUILTIN_PROFILES, *self.profiles]
+
+    def profile(self, name: str) -> Profile:
+        """The profile called `name`; built-ins are plain bases with no extra flows."""
+        if name in BUILTIN_PROFILES:
+            return Profile(base=name)
+        try:
+            return self.profiles[name]
+        except KeyError:
+            known = ", ".join(self.profile_names())
+            raise ConfigError(f"unknown profile {name!r}; known profiles: {known}") from None
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-", "tagged-union")):
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {_location(err['loc'])}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> AgentConfig:
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, str(path))

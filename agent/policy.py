@@ -1,0 +1,149 @@
+"""Profiles to desired rules: pure functions, no I/O.
+
+A `Policy` is everything the renderer needs: which base mode, which networks
+are internal, which flows stay open (management, profile allows, exceptions
+with their remaining lifetime). Networks are collapsed per (protocol, ports)
+so the kernel never sees overlapping intervals.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from agent.config import AgentConfig, FlowRule, IPNetwork, ManagementEntry, Proto
+
+Mode = Literal["internet", "full"]
+ANY_PORT = (0, 65535)
+
+
+@dataclass(frozen=True, order=True)
+class FlowElement:
+    """One set element: remote network . protocol . port range (+ remaining seconds)."""
+
+    net: IPNetwork
+    proto: Proto
+    ports: tuple[int, int] = ANY_PORT
+    timeout: int | None = None
+
+    @property
+    def family(self) -> int:
+        return self.net.version
+
+
+@dataclass(frozen=True)
+class ExceptionSpec:
+    """A time-limited flow, as the policy needs it (the state file keeps the rest)."""
+
+    flow: FlowRule
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class Policy:
+    profile: str
+    mode: Mode
+    internal: tuple[IPNetwork, ...]
+    management: tuple[FlowElement, ...]
+    allow_out: tuple[FlowElement, ...]
+    allow_in: tuple[FlowElement, ...]
+    exc_out: tuple[FlowElement, ...]
+    exc_in: tuple[FlowElement, ...]
+
+    def element_count(self) -> int:
+        return (len(self.internal) + len(self.management) + len(self.allow_out)
+                + len(self.allow_in) + len(self.exc_out) + len(self.exc_in))
+
+
+def collapse_networks(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    """Merge overlapping/adjacent networks, per family, in a stable order (v4 first)."""
+    v4 = [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in nets if isinstance(n, ipaddress.IPv6Network)]
+    return (*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6))
+
+
+def _flow_elements(
+    nets: Iterable[IPNetwork], proto: Proto, ports: Sequence[tuple[int, int]],
+    timeout: int | None = None,
+) -> list[FlowElement]:
+    ranges = list(ports) if ports and proto != "icmp" else [ANY_PORT]
+    return [FlowElement(net, proto, rng, timeout) for net in nets for rng in ranges]
+
+
+def _merge(elements: Iterable[FlowElement]) -> tuple[FlowElement, ...]:
+    """Collapse networks that share protocol, ports and timeout; drop exact duplicates."""
+    groups: dict[tuple[Proto, tuple[int, int], int | None], list[IPNetwork]] = defaultdict(list)
+    for el in elements:
+        groups[(el.proto, el.ports, el.timeout)].append(el.net)
+    merged = [
+        FlowElement(net, proto, ports, timeout)
+        for (proto, ports, timeout), nets in groups.items()
+        for net in collapse_networks(nets)
+    ]
+    return tuple(sorted(merged, key=lambda e: (e.family, e.proto, e.ports, str(e.net))))
+
+
+def management_elements(
+    entries: Sequence[ManagementEntry], resolved: dict[str, tuple[IPNetwork, ...]]
+) -> tuple[FlowElement, ...]:
+    """Management allowlist entries as elements; `resolved` maps each `host` to its addresses."""
+    out: list[FlowElement] = []
+    for entry in entries:
+        nets: tuple[IPNetwork, ...]
+        if entry.cidr is not None:
+            nets = (entry.cidr,)
+        else:
+            assert entry.host is not None
+            nets = resolved[entry.host]
+        out.extend(_flow_elements(nets, entry.proto, entry.ports))
+    return _merge(out)
+
+
+def _directed(flows: Iterable[tuple[FlowRule, int | None]]) -> tuple[
+        tuple[FlowElement, ...], tuple[FlowElement, ...]]:
+    outbound: list[FlowElement] = []
+    inbound: list[FlowElement] = []
+    for flow, timeout in flows:
+        elements = _flow_elements((flow.cidr,), flow.proto, flow.ports, timeout)
+        if flow.direction in ("out", "both"):
+            outbound.extend(elements)
+        if flow.direction in ("in", "both"):
+            inbound.extend(elements)
+    return _merge(outbound), _merge(inbound)
+
+
+def remaining_seconds(expires_at: float, now: float) -> int:
+    return max(0, math.ceil(expires_at - now))
+
+
+def build_policy(
+    config: AgentConfig,
+    profile_name: str,
+    *,
+    exceptions: Sequence[ExceptionSpec] = (),
+    resolved_hosts: dict[str, tuple[IPNetwork, ...]] | None = None,
+    now: float,
+) -> Policy:
+    """The desired ruleset for `profile_name`; expired exceptions are left out."""
+    profile = config.profile(profile_name)
+    allow_out, allow_in = _directed((flow, None) for flow in profile.allow)
+    live = [
+        (exc.flow, remaining_seconds(exc.expires_at, now))
+        for exc in exceptions
+        if remaining_seconds(exc.expires_at, now) > 0
+    ]
+    exc_out, exc_in = _directed(live)
+    return Policy(
+        profile=profile_name,
+        mode=profile.base,
+        internal=collapse_networks(config.internal_networks),
+        management=management_elements(config.management, resolved_hosts or {}),
+        allow_out=allow_out,
+        allow_in=allow_in,
+        exc_out=exc_out,
+        exc_in=exc_in,
+    )

@@ -1,0 +1,96 @@
+"""Validated change requests, shared by the local CLI, the local socket and SSH RPC.
+
+Whatever the entry point, a request is parsed into one of these models before
+the engine sees it, so a hostile reason, actor or CIDR is refused in one place
+with one message, and nothing is changed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from agent.config import Direction, Name, Network, PortRange, Proto, check_ports_fit_proto
+
+MAX_REASON = 500
+MAX_EXCEPTION_SECONDS = 30 * 24 * 3600
+ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,63}$")
+TICKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._#/:-]{0,63}$")
+
+
+def _reason(value: str) -> str:
+    text = value.strip()
+    if not text:
+        raise ValueError("a reason is required (say why, for the audit trail)")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        raise ValueError("the reason contains control characters (newlines, escapes)")
+    return text
+
+
+def _actor(value: str) -> str:
+    if not ACTOR_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is not a valid actor name (letters, digits, . _ @ : + -)")
+    return value
+
+
+def _ticket(value: str | None) -> str | None:
+    if value is not None and not TICKET_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is not a valid ticket id")
+    return value
+
+
+Reason = Annotated[str, Field(max_length=MAX_REASON), AfterValidator(_reason)]
+Actor = Annotated[str, AfterValidator(_actor)]
+Ticket = Annotated[str | None, AfterValidator(_ticket)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    actor: Actor = "local"
+    ticket: Ticket = None
+
+
+class IsolateRequest(_Request):
+    profile: Name = "internet"
+    reason: Reason
+
+
+class RestoreRequest(_Request):
+    reason: Reason
+
+
+class AllowRequest(_Request):
+    """An exception: a flow left open while isolated, until it expires by itself."""
+
+    cidr: Network
+    proto: Proto
+    ports: tuple[PortRange, ...] = ()
+    direction: Direction = "both"
+    duration_seconds: int = Field(gt=0, le=MAX_EXCEPTION_SECONDS)
+    reason: Reason
+
+    @model_validator(mode="after")
+    def _check(self) -> AllowRequest:
+        check_ports_fit_proto(self.proto, self.ports)
+        return self
+
+
+class RenderRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: Name = "internet"
+
+
+Op = Literal["ping", "status", "isolate", "restore", "allow", "render", "probe", "journal"]
+
+
+def parse_duration(text: str) -> int:
+    """'90s', '15m', '4h', '2d' or plain seconds, as whole seconds."""
+    match = re.fullmatch(r"\s*(\d{1,7})\s*([smhd]?)\s*", text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 90s, 15m, 4h or 2d")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return int(match.group(1)) * unit

@@ -1,0 +1,151 @@
+"""The agent's request protocol: newline-delimited JSON, one response line per request.
+
+Spoken on the SSH forced command (`drawbridge-agent rpc`) and on the local
+unix socket. Version 1:
+
+    request  {"v": 1, "id": "c1", "op": "isolate", "args": {"profile": "internet", ...}}
+    response {"v": 1, "id": "c1", "ok": true, "result": {...}}
+             {"v": 1, "id": "c1", "ok": false, "error": {"code": "bad_request", "message": "..."}}
+
+A malformed, oversize or unknown request gets an error response and changes
+nothing; the channel stays open for the next line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.config import format_validation_error
+from agent.engine import Engine
+from agent.errors import DrawbridgeError
+from agent.requests import AllowRequest, IsolateRequest, Op, RenderRequest, RestoreRequest
+
+PROTOCOL_VERSION = 1
+MAX_LINE_BYTES = 64 * 1024
+log = logging.getLogger("drawbridge.rpc")
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1]
+    id: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9._:-]*$")
+    op: Op
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class JournalRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    limit: int = Field(default=50, ge=1, le=10_000)
+
+
+class NoArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def error_response(req_id: str, code: str, message: str) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "id": req_id, "ok": False,
+            "error": {"code": code, "message": message}}
+
+
+def ok_response(req_id: str, result: Any) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "id": req_id, "ok": True, "result": result}
+
+
+ProbeHandler = Callable[[], dict[str, Any]]
+
+
+class Dispatcher:
+    """Turns one request line into one response object. Never raises."""
+
+    def __init__(self, engine: Engine, *, probe: ProbeHandler | None = None) -> None:
+        self.engine = engine
+        self.probe = probe
+
+    def handle_line(self, line: bytes) -> dict[str, Any]:
+        if len(line) > MAX_LINE_BYTES:
+            return error_response("", "too_large",
+                                  f"request is {len(line)} bytes; the limit is {MAX_LINE_BYTES}")
+        try:
+            raw = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return error_response("", "bad_json", f"request is not valid JSON: {exc}")
+        req_id = raw.get("id", "") if isinstance(raw, dict) else ""
+        req_id = req_id if isinstance(req_id, str) and len(req_id) <= 64 else ""
+        if isinstance(raw, dict) and raw.get("v") not in (None, PROTOCOL_VERSION):
+            return error_response(req_id, "unsupported_version",
+                                  f"protocol version {raw.get('v')!r} is not supported; "
+                                  f"this agent speaks v{PROTOCOL_VERSION}")
+        try:
+            env = Envelope.model_validate(raw)
+        except ValidationError as exc:
+            return error_response(req_id, "bad_request", format_validation_error(exc, "request"))
+        try:
+            return ok_response(env.id, self._dispatch(env))
+        except ValidationError as exc:
+            return error_response(env.id, "bad_request",
+                                  format_validation_error(exc, f"{env.op} arguments"))
+        except DrawbridgeError as exc:
+            return error_response(env.id, exc.code, str(exc))
+        except Exception as exc:  # the channel must survive anything one request does
+            log.exception("request %s failed", env.op)
+            return error_response(env.id, "internal", f"{type(exc).__name__}: {exc}")
+
+    def _dispatch(self, env: Envelope) -> Any:
+        engine, args = self.engine, env.args
+        match env.op:
+            case "ping":
+                NoArgs.model_validate(args)
+                return {"gateway": engine.config.gateway, "protocol": PROTOCOL_VERSION}
+            case "status":
+                NoArgs.model_validate(args)
+                return engine.status().model_dump(mode="json")
+            case "isolate":
+                return engine.isolate(IsolateRequest.model_validate(args)).model_dump(mode="json")
+            case "restore":
+                return engine.restore(RestoreRequest.model_validate(args)).model_dump(mode="json")
+            case "allow":
+                return engine.allow(AllowRequest.model_validate(args)).model_dump(mode="json")
+            case "render":
+                return {"ruleset": engine.render(RenderRequest.model_validate(args).profile)}
+            case "journal":
+                limit = JournalRequest.model_validate(args).limit
+                return {"entries": engine.store.read_journal(limit)}
+            case "probe":
+                NoArgs.model_validate(args)
+                if self.probe is None:
+                    return {"probes": [], "note": "no probes configured"}
+                return self.probe()
+        raise AssertionError(f"unhandled op {env.op}")  # pragma: no cover - Op is closed
+
+
+class LineReader(Protocol):
+    def readline(self, size: int = -1, /) -> bytes: ...
+
+
+def read_lines(stream: LineReader) -> Iterator[bytes]:
+    """Lines of at most MAX_LINE_BYTES (+1, so oversize is detectable); the rest of an
+    oversize line is skipped rather than buffered."""
+    while True:
+        line = stream.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while True:
+                rest = stream.readline(MAX_LINE_BYTES)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield line  # handled as too large
+            continue
+        if line.strip():
+            yield line.rstrip(b"\r\n")
+
+
+def encode(response: dict[str, Any]) -> bytes:
+    return json.dumps(response, separators=(",", ":"), default=str).encode("utf-8") + b"\n"
