@@ -28,7 +28,7 @@ from agent.errors import DrawbridgeError, InputError, NftError
 from agent.nft.facts import compare
 from agent.nft.render import render, render_delete
 from agent.nft.runner import Nft
-from agent.policy import Policy, build_policy
+from agent.policy import CompiledProfile, Policy, build_policy, compile_profile
 from agent.requests import AllowRequest, IsolateRequest, RestoreRequest
 from agent.state import DesiredState, ExceptionEntry, StateStore, VerificationResult
 
@@ -120,6 +120,8 @@ class Engine:
         self.on_apply = on_apply
         self.stats = EngineStats()
         self._resolved: dict[str, tuple[IPNetwork, ...]] = {}
+        self._compiled: dict[str, CompiledProfile] = {}
+        self._last_full_check = float("-inf")
 
     # -- policy --------------------------------------------------------------------------
 
@@ -139,10 +141,13 @@ class Engine:
     def policy_for(self, state: DesiredState) -> Policy | None:
         if state.profile is None:
             return None
+        if state.profile not in self._compiled:
+            self._compiled[state.profile] = compile_profile(self.config, state.profile)
         return build_policy(
             self.config, state.profile,
             exceptions=[e.spec() for e in state.exceptions],
             resolved_hosts=self._resolve_management(), now=self.clock(),
+            compiled=self._compiled[state.profile],
         )
 
     def render(self, profile: str) -> str:
@@ -171,7 +176,7 @@ class Engine:
         if policy is None:
             self._apply_file(render_delete())
         else:
-            self._apply_file(render(policy, counters=self.nft.counters()))
+            self._apply_file(render(policy))
         elapsed = time.perf_counter() - started
         self.stats.last_apply_seconds = elapsed
         if self.on_apply is not None:
@@ -270,7 +275,11 @@ class Engine:
                 state = state.model_copy(update={"exceptions": live})
                 self.store.save(state)
             policy = self.policy_for(state)
-            problems = compare(policy, self.nft.read_table())
+            now_mono = time.monotonic()
+            full = now_mono - self._last_full_check >= self.config.full_check_interval
+            problems = compare(policy, self.nft.read_table(elements=full))
+            if full:
+                self._last_full_check = now_mono
             if not problems:
                 return None
             try:
@@ -297,7 +306,7 @@ class Engine:
 
     def status(self) -> Status:
         state = self.store.load()
-        problems = compare(self.policy_for(state), self.nft.read_table())
+        problems = compare(self.policy_for(state), self.nft.read_table(elements=False))
         return Status(
             gateway=self.config.gateway, state="isolated" if state.isolated else "open",
             profile=state.profile, since=state.since, actor=state.actor, reason=state.reason,

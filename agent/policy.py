@@ -84,7 +84,8 @@ def _merge(elements: Iterable[FlowElement]) -> tuple[FlowElement, ...]:
         for (proto, ports, timeout), nets in groups.items()
         for net in collapse_networks(nets)
     ]
-    return tuple(sorted(merged, key=lambda e: (e.family, e.proto, e.ports, str(e.net))))
+    merged.sort(key=lambda e: (e.family, e.proto, e.ports, e.net.network_address, e.net.prefixlen))
+    return tuple(merged)
 
 
 def management_elements(
@@ -116,6 +117,23 @@ def _directed(flows: Iterable[tuple[FlowRule, int | None]]) -> tuple[
     return _merge(outbound), _merge(inbound)
 
 
+@dataclass(frozen=True)
+class CompiledProfile:
+    """The static part of a profile (its allow sets); compiled once per config, since a
+    100k-entry allowlist takes seconds to collapse and sort."""
+
+    name: str
+    mode: Mode
+    allow_out: tuple[FlowElement, ...]
+    allow_in: tuple[FlowElement, ...]
+
+
+def compile_profile(config: AgentConfig, profile_name: str) -> CompiledProfile:
+    profile = config.profile(profile_name)
+    allow_out, allow_in = _directed((flow, None) for flow in profile.allow)
+    return CompiledProfile(profile_name, profile.base, allow_out, allow_in)
+
+
 def remaining_seconds(expires_at: float, now: float) -> int:
     return max(0, math.ceil(expires_at - now))
 
@@ -127,10 +145,11 @@ def build_policy(
     exceptions: Sequence[ExceptionSpec] = (),
     resolved_hosts: dict[str, tuple[IPNetwork, ...]] | None = None,
     now: float,
+    compiled: CompiledProfile | None = None,
 ) -> Policy:
     """The desired ruleset for `profile_name`; expired exceptions are left out."""
-    profile = config.profile(profile_name)
-    allow_out, allow_in = _directed((flow, None) for flow in profile.allow)
+    if compiled is None or compiled.name != profile_name:
+        compiled = compile_profile(config, profile_name)
     live = [
         (exc.flow, remaining_seconds(exc.expires_at, now))
         for exc in exceptions
@@ -139,11 +158,11 @@ def build_policy(
     exc_out, exc_in = _directed(live)
     return Policy(
         profile=profile_name,
-        mode=profile.base,
+        mode=compiled.mode,
         internal=collapse_networks(config.internal_networks),
         management=management_elements(config.management, resolved_hosts or {}),
-        allow_out=allow_out,
-        allow_in=allow_in,
+        allow_out=compiled.allow_out,
+        allow_in=compiled.allow_in,
         exc_out=exc_out,
         exc_in=exc_in,
     )

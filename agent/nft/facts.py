@@ -12,9 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config import IPNetwork
 from agent.nft.render import CHAIN_PRIORITY, COUNTERS, TABLE, flow_sets, rules_for, set_name
-from agent.policy import Policy
+from agent.policy import FlowElement, Policy
 
 _PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58}
 # expected elements this close to expiry may already be gone from the kernel
@@ -30,14 +29,17 @@ class Facts:
     rules: tuple[tuple[str, str], ...] = ()  # (chain, comment) in order
     sets: Mapping[str, frozenset[ElementKey | str]] = field(default_factory=dict)
     counters: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    with_elements: bool = True  # False: a terse read-back, set contents not listed
 
 
-def _network(value: Any) -> IPNetwork:
+def _network(value: Any) -> str:
+    """nft's text for an address element as 'addr/len'. Kept as text: parsing 100k
+    networks costs seconds; `compare` normalises only the keys that differ."""
     if isinstance(value, str):
-        return ipaddress.ip_network(value)
+        return f"{value}/{128 if ':' in value else 32}"
     if "prefix" in value:
         prefix = value["prefix"]
-        return ipaddress.ip_network(f"{prefix['addr']}/{prefix['len']}")
+        return f"{prefix['addr']}/{prefix['len']}"
     raise ValueError(f"unexpected address element {value!r}")
 
 
@@ -57,11 +59,11 @@ def _element_key(elem: Any) -> ElementKey | str:
         addr, proto, port = elem["concat"]
         number = proto if isinstance(proto, int) else _PROTO_NUMBERS[proto]
         low, high = _ports(port)
-        return (str(_network(addr)), number, low, high)
-    return str(_network(elem))
+        return (_network(addr), number, low, high)
+    return _network(elem)
 
 
-def facts_from_json(document: Mapping[str, Any]) -> Facts:
+def facts_from_json(document: Mapping[str, Any], *, with_elements: bool = True) -> Facts:
     chains: set[tuple[str, str, int, str]] = set()
     rules: list[tuple[str, str]] = []
     sets: dict[str, frozenset[ElementKey | str]] = {}
@@ -82,12 +84,28 @@ def facts_from_json(document: Mapping[str, Any]) -> Facts:
         elif "counter" in item:
             c = item["counter"]
             counters[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
-    return Facts(present, frozenset(chains), tuple(rules), sets, counters)
+    return Facts(present, frozenset(chains), tuple(rules), sets, counters, with_elements)
 
 
-def _flow_key(el: Any) -> ElementKey:
+def _flow_key(el: FlowElement) -> ElementKey:
     proto = "ipv6-icmp" if el.proto == "icmp" and el.family == 6 else el.proto
     return (str(el.net), _PROTO_NUMBERS[proto], el.ports[0], el.ports[1])
+
+
+def _canonical(key: ElementKey | str) -> ElementKey | str:
+    def net(text: str) -> str:
+        return str(ipaddress.ip_network(text))
+
+    return net(key) if isinstance(key, str) else (net(key[0]), *key[1:])
+
+
+def _set_difference(expected: frozenset[Any], found: frozenset[Any]) -> tuple[set[Any], set[Any]]:
+    missing, extra = set(expected - found), set(found - expected)
+    if missing and extra:  # spelling may differ (e.g. ::ffff:1.2.3.4): compare canonically
+        missing_c = {_canonical(k) for k in missing}
+        extra_c = {_canonical(k) for k in extra}
+        missing, extra = missing_c - extra_c, extra_c - missing_c
+    return missing, extra
 
 
 def expected_facts(policy: Policy) -> Facts:
@@ -132,8 +150,10 @@ def compare(policy: Policy | None, live: Facts) -> list[str]:
         if found is None:
             problems.append(f"set {name} is missing")
             continue
-        missing = expected - found - fading
-        extra = found - expected
+        if not live.with_elements:
+            continue
+        missing, extra = _set_difference(expected, found)
+        missing -= fading
         if missing or extra:
             problems.append(f"set {name}: {len(missing)} elements missing, {len(extra)} unexpected"
                             + _sample("missing", missing) + _sample("unexpected", extra))
@@ -149,7 +169,7 @@ def _first_rule_difference(want: Iterable[tuple[str, str]], got: Iterable[tuple[
     return ""
 
 
-def _sample(label: str, keys: frozenset[Any]) -> str:
+def _sample(label: str, keys: set[Any]) -> str:
     if not keys:
         return ""
     shown = sorted(map(str, keys))[:3]

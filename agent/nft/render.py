@@ -15,7 +15,8 @@ new one, never a mix.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agent.policy import FlowElement, Policy
@@ -120,47 +121,46 @@ def _element(el: FlowElement) -> str:
     return text if el.timeout is None else f"{text} timeout {el.timeout}s"
 
 
-def flow_sets(policy: Policy) -> dict[str, list[FlowElement]]:
+def flow_sets(policy: Policy) -> dict[str, tuple[FlowElement, ...]]:
     """Flow elements by set name (mgmt4, allow_out6, exc_in4, ...)."""
     by_kind = {"mgmt": policy.management, "allow_out": policy.allow_out,
                "allow_in": policy.allow_in, "exc_out": policy.exc_out, "exc_in": policy.exc_in}
     return {
-        set_name(kind, family): [el for el in by_kind[kind] if el.family == family]
+        set_name(kind, family): tuple(el for el in by_kind[kind] if el.family == family)
         for kind in FLOW_KINDS
         for family in (4, 6)
     }
 
 
-def _set_block(name: str, type_: str, flags: str, elements: Iterable[str]) -> str:
-    items = list(elements)
+@functools.lru_cache(maxsize=16)
+def _elements_text(elements: tuple[FlowElement, ...]) -> str:
+    """Cached: a 100k-entry allowlist is rendered once, not on every re-apply."""
+    return ",\n\t\t\t".join(map(_element, elements))
+
+
+def _set_block(name: str, type_: str, flags: str, items: str) -> str:
     body = f"\t\ttype {type_}; flags {flags};\n"
     if items:
-        body += "\t\telements = {\n\t\t\t" + ",\n\t\t\t".join(items) + "\n\t\t}\n"
+        body += "\t\telements = {\n\t\t\t" + items + "\n\t\t}\n"
     return f"\tset {name} {{\n{body}\t}}\n"
 
 
-def render(
-    policy: Policy,
-    *,
-    counters: Mapping[str, tuple[int, int]] | None = None,
-    with_elements: bool = True,
-) -> str:
-    """The nft script that replaces our table. `counters` carries drop counts over a
-    re-apply so `drawbridge_dropped_packets_total` does not reset on every change;
-    `with_elements=False` gives the cheap skeleton used for the dry check."""
-    counters = counters or {}
+def render(policy: Policy, *, with_elements: bool = True) -> str:
+    """The nft script that replaces our table; `with_elements=False` gives the cheap
+    skeleton used for the dry check. Drop counters start at zero on every replace
+    (reading them first costs a full table dump on large sets); Prometheus treats
+    that as an ordinary counter reset."""
     out = [f"table {FAMILY} {TABLE}\n", f"delete table {FAMILY} {TABLE}\n",
            f"table {FAMILY} {TABLE} {{\n"]
-    for name in COUNTERS.values():
-        packets, bytes_ = counters.get(name, (0, 0))
-        out.append(f"\tcounter {name} {{ packets {int(packets)} bytes {int(bytes_)} }}\n")
+    out.extend(f"\tcounter {name} {{ }}\n" for name in COUNTERS.values())
     for family in (4, 6):
-        nets = [str(n) for n in policy.internal if n.version == family] if with_elements else []
-        out.append(_set_block(set_name("internal", family), _ADDR[family], "interval", nets))
+        nets = ",\n\t\t\t".join(str(n) for n in policy.internal if n.version == family)
+        out.append(_set_block(set_name("internal", family), _ADDR[family], "interval",
+                              nets if with_elements else ""))
     for name, elements in flow_sets(policy).items():
         addr = _ADDR[int(name[-1])]
         flags = "interval,timeout" if _timed(name) else "interval"
-        items = (_element(el) for el in elements) if with_elements else ()
+        items = _elements_text(elements) if with_elements else ""
         out.append(_set_block(name, f"{addr} . inet_proto . inet_service", flags, items))
     rules = rules_for(policy)
     for chain in ("input", "forward", "output"):

@@ -47,14 +47,17 @@ class Nft:
         not a pipe: a truncated script could be valid and commit half of a change."""
         self._run(["-f", path])
 
-    def read_table(self) -> Facts:
+    def read_table(self, *, elements: bool = True) -> Facts:
+        """Our table as facts. `elements=False` is the terse read (no set contents): what
+        drift checks use between full comparisons, since listing 100k elements takes
+        seconds."""
         try:
-            out = self._run(["-j", "list", "table", FAMILY, TABLE])
+            out = self._run(["-j", *([] if elements else ["-t"]), "list", "table", FAMILY, TABLE])
         except NftError as exc:
             if any(hint in str(exc) for hint in _MISSING_TABLE_HINTS):
                 return Facts(present=False)
             raise
-        return facts_from_json(_parse(out))
+        return facts_from_json(_parse(out), with_elements=elements)
 
     def counters(self) -> dict[str, tuple[int, int]]:
         """Named counters of our table (cheap: no set elements listed); {} if no table."""

@@ -1,0 +1,120 @@
+"""The RPC dispatcher: every malformed request gets an error response and changes nothing.
+The nft edge is replaced by a recorder here; the lab tests run the real thing."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.engine import Engine
+from agent.nft.facts import Facts
+from agent.rpc import MAX_LINE_BYTES, Dispatcher, read_lines
+from tests.unit.conftest import make_config
+
+
+class RecordingNft:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def check(self, script: str) -> None:
+        self.calls.append("check")
+
+    def apply_file(self, path: str) -> None:
+        self.calls.append("apply")
+
+    def read_table(self) -> Facts:
+        return Facts(present=False)
+
+    def counters(self) -> dict[str, tuple[int, int]]:
+        return {}
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> tuple[Dispatcher, RecordingNft, Path]:
+    nft = RecordingNft()
+    engine = Engine(make_config(tmp_path), nft=nft)  # type: ignore[arg-type]
+    return Dispatcher(engine), nft, tmp_path / "state"
+
+
+def call(d: Dispatcher, obj: Any) -> dict[str, Any]:
+    line = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    return d.handle_line(line)
+
+
+@pytest.mark.parametrize(
+    ("line", "code", "fragment"),
+    [
+        (b"{not json", "bad_json", "not valid JSON"),
+        (b"[1, 2]", "bad_request", "request"),
+        (b'{"v": 2, "op": "status"}', "unsupported_version", "v1"),
+        (b'{"v": 1, "op": "format_disk"}', "bad_request", "op"),
+        (b'{"v": 1, "op": "isolate", "args": {"reason": ""}}', "bad_request", "reason"),
+        (b'{"v": 1, "op": "isolate", "args": {"reason": "x", "profile": "a;b"}}',
+         "bad_request", "profile"),
+        (b'{"v": 1, "op": "isolate", "args": {"reason": "x", "profile": "nope"}}',
+         "config_error", "unknown profile"),
+        (b'{"v": 1, "op": "isolate", "args": {"reason": "x", "actor": "$(reboot)"}}',
+         "bad_request", "actor"),
+        (b'{"v": 1, "op": "allow", "args": {"cidr": "10.0.0.0/33", "proto": "tcp", '
+         b'"duration_seconds": 60, "reason": "x"}}', "bad_request", "cidr"),
+        (b'{"v": 1, "op": "allow", "args": {"cidr": "10.0.0.0/8", "proto": "tcp", '
+         b'"duration_seconds": -5, "reason": "x"}}', "bad_request", "duration_seconds"),
+        (b'{"v": 1, "op": "restore", "args": {"reason": "a\\nb"}}', "bad_request",
+         "control characters"),
+        (b'{"v": 1, "op": "status", "args": {"extra": 1}}', "bad_request", "extra"),
+        (b'{"v": 1, "id": "' + b"x" * 100 + b'", "op": "status"}', "bad_request", "id"),
+    ],
+)
+def test_bad_requests_get_errors_and_change_nothing(
+    rig: tuple[Dispatcher, RecordingNft, Path], line: bytes, code: str, fragment: str
+) -> None:
+    dispatcher, nft, state_dir = rig
+    reply = call(dispatcher, line)
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == code
+    assert fragment in reply["error"]["message"]
+    assert nft.calls == []
+    assert not (state_dir / "state.json").exists()
+
+
+def test_oversize_line_is_refused(rig: tuple[Dispatcher, RecordingNft, Path]) -> None:
+    dispatcher, nft, _ = rig
+    reply = call(dispatcher, b"{" + b" " * MAX_LINE_BYTES + b"}")
+    assert reply["error"]["code"] == "too_large"
+    assert nft.calls == []
+
+
+def test_read_lines_skips_the_rest_of_an_oversize_line() -> None:
+    stream = io.BytesIO(b"a" * (MAX_LINE_BYTES * 3) + b"\n" + b'{"v":1}\n\n')
+    lines = list(read_lines(stream))
+    assert len(lines) == 2
+    assert len(lines[0]) == MAX_LINE_BYTES + 1
+    assert lines[1] == b'{"v":1}'
+
+
+def test_id_is_echoed_and_ping_answers(rig: tuple[Dispatcher, RecordingNft, Path]) -> None:
+    dispatcher, _, _ = rig
+    reply = call(dispatcher, {"v": 1, "id": "c-7", "op": "ping"})
+    assert reply == {"v": 1, "id": "c-7", "ok": True,
+                     "result": {"gateway": "gw-ams-1", "protocol": 1}}
+
+
+def test_failed_apply_restores_the_previous_desired_state(tmp_path: Path) -> None:
+    from agent.errors import NftError
+
+    class FailingNft(RecordingNft):
+        def apply_file(self, path: str) -> None:
+            raise NftError("Error: Could not process rule: No buffer space available")
+
+    engine = Engine(make_config(tmp_path), nft=FailingNft())  # type: ignore[arg-type]
+    reply = Dispatcher(engine).handle_line(
+        b'{"v":1,"op":"isolate","args":{"reason":"drill"}}')
+    assert reply["error"]["code"] == "nft_error"
+    state = engine.store.load()
+    assert state.profile is None and state.generation == 0
+    journal = engine.store.read_journal()
+    assert journal[-1]["result"] == "failed" and "No buffer space" in journal[-1]["error"]
