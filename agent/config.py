@@ -278,7 +278,6 @@ class AgentConfig(_Model):
     management: tuple[ManagementEntry, ...] = ()
     profiles: dict[Name, Profile] = Field(default_factory=dict)
     probes: tuple[ProbeConfig, ...] = ()
-    nft_binary: str = "nft"
 
     @field_validator("profiles")
     @classmethod

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from agent.config import AgentConfig, FlowRule, IPNetwork
 from agent.errors import DrawbridgeError, InputError, NftError
 from agent.nft.facts import compare
-from agent.nft.render import render, render_delete
+from agent.nft.render import TextMemo, render, render_delete
 from agent.nft.runner import Nft
 from agent.policy import CompiledProfile, Policy, build_policy, compile_profile
 from agent.requests import AllowRequest, IsolateRequest, RestoreRequest
@@ -63,6 +63,7 @@ class ChangeResult(BaseModel):
     apply_seconds: float
     generation: int
     note: str = ""
+    timings: dict[str, float] = {}  # seconds per phase: policy, check, apply, readback, verify
 
 
 class Status(BaseModel):
@@ -80,6 +81,23 @@ class Status(BaseModel):
     exceptions: tuple[ExceptionEntry, ...]
     generation: int
     drift_repairs: int
+
+
+class Phases:
+    """Wall time per phase of one change, for the result and the benchmarks."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> float:
+        now = time.perf_counter()
+        self.times[name] = now - self._last
+        self._last = now
+        return self.times[name]
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 6) for k, v in self.times.items()}
 
 
 @dataclass
@@ -112,7 +130,7 @@ class Engine:
         on_apply: Callable[[float], None] | None = None,
     ) -> None:
         self.config = config
-        self.nft = nft or Nft(binary=config.nft_binary)
+        self.nft = nft or Nft()
         self.store = StateStore(config.state_dir)
         self.verifier = verifier
         self.clock = clock
@@ -121,6 +139,8 @@ class Engine:
         self.stats = EngineStats()
         self._resolved: dict[str, tuple[IPNetwork, ...]] = {}
         self._compiled: dict[str, CompiledProfile] = {}
+        self._element_text = TextMemo()
+        self._checked: set[str] = set()
         self._last_full_check = float("-inf")
 
     # -- policy --------------------------------------------------------------------------
@@ -150,6 +170,14 @@ class Engine:
             compiled=self._compiled[state.profile],
         )
 
+    def warm_up(self) -> None:
+        """Compile every profile and dry-check each structure once, so the first isolate
+        after a start is as fast as the next (a daemon calls this at start)."""
+        for name in self.config.profile_names():
+            policy = self.policy_for(DesiredState(profile=name))
+            assert policy is not None
+            self._dry_check(policy)
+
     def render(self, profile: str) -> str:
         state = DesiredState(profile=profile)
         policy = self.policy_for(state)
@@ -169,49 +197,63 @@ class Engine:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
-    def _converge(self, policy: Policy | None) -> tuple[float, list[str]]:
-        """Make the kernel hold `policy` (None: no table). Returns apply time and any
-        read-back differences that remain."""
-        started = time.perf_counter()
-        if policy is None:
-            self._apply_file(render_delete())
-        else:
-            self._apply_file(render(policy))
-        elapsed = time.perf_counter() - started
+    def _dry_check(self, policy: Policy) -> None:
+        """Let the kernel validate the structure (chains, rules, set types) before the
+        desired state is written. Elements are typed, collapsed values and are not part
+        of the check: checking 100k of them would double the apply time. A structure
+        the kernel accepted once is not checked again by this process (it depends only on
+        the mode, and a kernel does not lose features while it runs)."""
+        skeleton = render(policy, with_elements=False)
+        if skeleton not in self._checked:
+            self.nft.check(skeleton)
+            self._checked.add(skeleton)
+
+    def _converge(self, policy: Policy | None, phases: Phases) -> list[str]:
+        """Make the kernel hold `policy` (None: no table); returns the read-back
+        differences that remain (empty: the kernel holds exactly what was meant)."""
+        self._apply_file(render_delete() if policy is None
+                         else render(policy, element_text=self._element_text))
+        elapsed = phases.mark("apply")
         self.stats.last_apply_seconds = elapsed
         if self.on_apply is not None:
             self.on_apply(elapsed)
-        return elapsed, compare(policy, self.nft.read_table())
+        problems = compare(policy, self.nft.read_table())
+        phases.mark("readback")
+        return problems
 
     def _change(self, action: str, new: DesiredState, old: DesiredState,
                 extra: dict[str, Any]) -> ChangeResult:
+        phases = Phases()
         policy = self.policy_for(new)  # may raise before anything is touched
+        phases.mark("policy")
         if policy is not None:
-            # Dry check of the structure (chains, rules, set types). Elements are typed,
-            # collapsed values; checking 100k of them would double the apply time.
-            self.nft.check(render(policy, with_elements=False))
+            self._dry_check(policy)
+        phases.mark("check")
         self.store.save(new)
+        phases.mark("persist")
         try:
-            elapsed, problems = self._converge(policy)
+            problems = self._converge(policy, phases)
         except DrawbridgeError as exc:
             self.store.save(old)
             self.store.journal(action=action, actor=new.actor, reason=new.reason,
                                profile=new.profile, result="failed", error=str(exc), **extra)
             raise
         verification = self.verifier(new, not problems)
+        phases.mark("verify")
         final = new.model_copy(update={"verification": verification})
         self.store.save(final)
         self.store.journal(
             action=action, actor=new.actor, reason=new.reason, profile=new.profile,
             result="applied", in_sync=not problems, verification=verification.status,
-            failing=list(verification.failing), apply_seconds=round(elapsed, 6),
+            failing=list(verification.failing), apply_seconds=round(phases.times["apply"], 6),
             generation=new.generation, **extra,
         )
         return ChangeResult(
             action=action, gateway=self.config.gateway,
             state="isolated" if new.isolated else "open", profile=new.profile, changed=True,
             in_sync=not problems, problems=tuple(problems), verification=verification,
-            apply_seconds=elapsed, generation=new.generation,
+            apply_seconds=phases.times["apply"], generation=new.generation,
+            timings=phases.rounded(),
         )
 
     # -- verbs ---------------------------------------------------------------------------
@@ -282,8 +324,9 @@ class Engine:
                 self._last_full_check = now_mono
             if not problems:
                 return None
+            phases = Phases()
             try:
-                elapsed, remaining = self._converge(policy)
+                remaining = self._converge(policy, phases)
             except NftError as exc:
                 self.store.journal(action="repair", actor="agent", reason="drift",
                                    profile=state.profile, result="failed", error=str(exc),
@@ -296,12 +339,13 @@ class Engine:
             self.store.journal(action="repair", actor="agent", reason="drift",
                                profile=state.profile, result="applied", drift=problems,
                                in_sync=not remaining, verification=verification.status,
-                               apply_seconds=round(elapsed, 6))
+                               apply_seconds=round(phases.times["apply"], 6))
             return ChangeResult(
                 action="repair", gateway=self.config.gateway,
                 state="isolated" if state.isolated else "open", profile=state.profile,
                 changed=True, in_sync=not remaining, problems=tuple(problems),
-                verification=verification, apply_seconds=elapsed, generation=state.generation,
+                verification=verification, apply_seconds=phases.times["apply"],
+                generation=state.generation, timings=phases.rounded(),
             )
 
     def status(self) -> Status:

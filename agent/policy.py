@@ -43,20 +43,31 @@ class ExceptionSpec:
     expires_at: float
 
 
+FLOW_KINDS = ("mgmt", "allow_out", "allow_in", "exc_out", "exc_in")
+FlowSets = dict[str, tuple[FlowElement, ...]]
+
+
 @dataclass(frozen=True)
 class Policy:
+    """`sets` maps flow set names (mgmt4, allow_out6, exc_in4, ...) to their elements."""
+
     profile: str
     mode: Mode
     internal: tuple[IPNetwork, ...]
-    management: tuple[FlowElement, ...]
-    allow_out: tuple[FlowElement, ...]
-    allow_in: tuple[FlowElement, ...]
-    exc_out: tuple[FlowElement, ...]
-    exc_in: tuple[FlowElement, ...]
+    sets: FlowSets
 
     def element_count(self) -> int:
-        return (len(self.internal) + len(self.management) + len(self.allow_out)
-                + len(self.allow_in) + len(self.exc_out) + len(self.exc_in))
+        return len(self.internal) + sum(map(len, self.sets.values()))
+
+    def timed_elements(self) -> tuple[FlowElement, ...]:
+        return tuple(el for name, els in self.sets.items() if name.startswith("exc")
+                     for el in els)
+
+
+def by_family(kind: str, elements: Iterable[FlowElement]) -> FlowSets:
+    """Split one kind of flow into its IPv4 and IPv6 sets, e.g. allow_out4 / allow_out6."""
+    items = tuple(elements)
+    return {f"{kind}{fam}": tuple(el for el in items if el.family == fam) for fam in (4, 6)}
 
 
 def collapse_networks(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
@@ -124,14 +135,14 @@ class CompiledProfile:
 
     name: str
     mode: Mode
-    allow_out: tuple[FlowElement, ...]
-    allow_in: tuple[FlowElement, ...]
+    sets: FlowSets
 
 
 def compile_profile(config: AgentConfig, profile_name: str) -> CompiledProfile:
     profile = config.profile(profile_name)
     allow_out, allow_in = _directed((flow, None) for flow in profile.allow)
-    return CompiledProfile(profile_name, profile.base, allow_out, allow_in)
+    return CompiledProfile(profile_name, profile.base,
+                           {**by_family("allow_out", allow_out), **by_family("allow_in", allow_in)})
 
 
 def remaining_seconds(expires_at: float, now: float) -> int:
@@ -160,9 +171,10 @@ def build_policy(
         profile=profile_name,
         mode=compiled.mode,
         internal=collapse_networks(config.internal_networks),
-        management=management_elements(config.management, resolved_hosts or {}),
-        allow_out=compiled.allow_out,
-        allow_in=compiled.allow_in,
-        exc_out=exc_out,
-        exc_in=exc_in,
+        sets={
+            **by_family("mgmt", management_elements(config.management, resolved_hosts or {})),
+            **compiled.sets,  # the same tuples every time: the renderer memoises their text
+            **by_family("exc_out", exc_out),
+            **by_family("exc_in", exc_in),
+        },
     )

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.nft.render import CHAIN_PRIORITY, COUNTERS, TABLE, flow_sets, rules_for, set_name
+from agent.nft.render import CHAIN_PRIORITY, COUNTERS, TABLE, rules_for, set_name
 from agent.policy import FlowElement, Policy
 
 _PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58}
@@ -115,7 +115,7 @@ def expected_facts(policy: Policy) -> Facts:
         set_name("internal", fam): frozenset(str(n) for n in policy.internal if n.version == fam)
         for fam in (4, 6)
     }
-    for name, elements in flow_sets(policy).items():
+    for name, elements in policy.sets.items():
         sets[name] = frozenset(_flow_key(el) for el in elements)
     return Facts(True, chains, rules, sets)
 
@@ -123,7 +123,7 @@ def expected_facts(policy: Policy) -> Facts:
 def _fading(policy: Policy) -> frozenset[ElementKey]:
     """Exception elements that may legitimately have expired by the time we look."""
     return frozenset(
-        _flow_key(el) for el in (*policy.exc_out, *policy.exc_in)
+        _flow_key(el) for el in policy.timed_elements()
         if el.timeout is not None and el.timeout <= EXPIRY_SLACK_SECONDS
     )
 

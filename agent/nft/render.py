@@ -15,8 +15,7 @@ new one, never a mix.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from agent.policy import FlowElement, Policy
@@ -25,7 +24,6 @@ TABLE = "drawbridge"
 FAMILY = "inet"
 CHAIN_PRIORITY = -10  # before the usual filter chains, so drop counters see every packet
 COUNTERS = {"input": "dropped_input", "output": "dropped_output", "forward": "dropped_forward"}
-FLOW_KINDS = ("mgmt", "allow_out", "allow_in", "exc_out", "exc_in")
 _L3 = {4: "ip", 6: "ip6"}
 _ADDR = {4: "ipv4_addr", 6: "ipv6_addr"}
 _PROTO = {(4, "tcp"): "tcp", (6, "tcp"): "tcp", (4, "udp"): "udp", (6, "udp"): "udp",
@@ -121,21 +119,28 @@ def _element(el: FlowElement) -> str:
     return text if el.timeout is None else f"{text} timeout {el.timeout}s"
 
 
-def flow_sets(policy: Policy) -> dict[str, tuple[FlowElement, ...]]:
-    """Flow elements by set name (mgmt4, allow_out6, exc_in4, ...)."""
-    by_kind = {"mgmt": policy.management, "allow_out": policy.allow_out,
-               "allow_in": policy.allow_in, "exc_out": policy.exc_out, "exc_in": policy.exc_in}
-    return {
-        set_name(kind, family): tuple(el for el in by_kind[kind] if el.family == family)
-        for kind in FLOW_KINDS
-        for family in (4, 6)
-    }
-
-
-@functools.lru_cache(maxsize=16)
-def _elements_text(elements: tuple[FlowElement, ...]) -> str:
-    """Cached: a 100k-entry allowlist is rendered once, not on every re-apply."""
+def elements_text(elements: tuple[FlowElement, ...]) -> str:
     return ",\n\t\t\t".join(map(_element, elements))
+
+
+class TextMemo:
+    """Remembers the rendered text of element tuples by identity. A compiled profile
+    hands the same tuple to every policy, so a 100k-entry allowlist is formatted once
+    (hashing it for an ordinary cache would itself cost O(n) per apply)."""
+
+    def __init__(self, capacity: int = 16) -> None:
+        self.capacity = capacity
+        self._memo: dict[int, tuple[tuple[FlowElement, ...], str]] = {}
+
+    def __call__(self, elements: tuple[FlowElement, ...]) -> str:
+        hit = self._memo.get(id(elements))
+        if hit is not None and hit[0] is elements:
+            return hit[1]
+        text = elements_text(elements)
+        if len(self._memo) >= self.capacity:
+            self._memo.pop(next(iter(self._memo)))
+        self._memo[id(elements)] = (elements, text)  # holding the tuple pins its id
+        return text
 
 
 def _set_block(name: str, type_: str, flags: str, items: str) -> str:
@@ -145,7 +150,8 @@ def _set_block(name: str, type_: str, flags: str, items: str) -> str:
     return f"\tset {name} {{\n{body}\t}}\n"
 
 
-def render(policy: Policy, *, with_elements: bool = True) -> str:
+def render(policy: Policy, *, with_elements: bool = True,
+           element_text: Callable[[tuple[FlowElement, ...]], str] = elements_text) -> str:
     """The nft script that replaces our table; `with_elements=False` gives the cheap
     skeleton used for the dry check. Drop counters start at zero on every replace
     (reading them first costs a full table dump on large sets); Prometheus treats
@@ -157,10 +163,10 @@ def render(policy: Policy, *, with_elements: bool = True) -> str:
         nets = ",\n\t\t\t".join(str(n) for n in policy.internal if n.version == family)
         out.append(_set_block(set_name("internal", family), _ADDR[family], "interval",
                               nets if with_elements else ""))
-    for name, elements in flow_sets(policy).items():
+    for name, elements in policy.sets.items():
         addr = _ADDR[int(name[-1])]
         flags = "interval,timeout" if _timed(name) else "interval"
-        items = _elements_text(elements) if with_elements else ""
+        items = element_text(elements) if with_elements else ""
         out.append(_set_block(name, f"{addr} . inet_proto . inet_service", flags, items))
     rules = rules_for(policy)
     for chain in ("input", "forward", "output"):
