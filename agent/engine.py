@@ -32,6 +32,10 @@ from agent.policy import CompiledProfile, Policy, build_policy, compile_profile
 from agent.requests import AllowRequest, IsolateRequest, RestoreRequest
 from agent.state import DesiredState, ExceptionEntry, StateStore, VerificationResult
 
+# status reads set contents back only up to this size (a 100k listing takes seconds);
+# beyond it, status compares structure and the reconcile loop's full checks cover elements
+STATUS_FULL_READ_LIMIT = 10_000
+
 
 class Verifier(Protocol):
     """Runs probes against the state just applied (see probes.py)."""
@@ -350,7 +354,9 @@ class Engine:
 
     def status(self) -> Status:
         state = self.store.load()
-        problems = compare(self.policy_for(state), self.nft.read_table(elements=False))
+        policy = self.policy_for(state)
+        full = policy is None or policy.element_count() <= STATUS_FULL_READ_LIMIT
+        problems = compare(policy, self.nft.read_table(elements=full))
         return Status(
             gateway=self.config.gateway, state="isolated" if state.isolated else "open",
             profile=state.profile, since=state.since, actor=state.actor, reason=state.reason,

@@ -6,6 +6,7 @@ manages) and never on the namespace of the calling process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -129,10 +130,8 @@ def kill_pids(pids: Iterable[int], *, grace: float = 1.0) -> None:
             if not _running(pid):
                 alive.discard(pid)
     for pid in alive:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _running(pid: int) -> bool:

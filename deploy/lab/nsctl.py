@@ -1,13 +1,14 @@
 """Per-namespace kernel settings in one process (standard library only, runnable by path).
 
     nsctl.py sysctl  < {"NS": {"net/ipv4/ip_forward": "1", ...}, ...}   (JSON on stdin)
-    nsctl.py wait-dad [--timeout S] NS...
+    nsctl.py wait-ready [--timeout S] NS...
 
 ``sysctl`` enters each named namespace (``/run/netns/NS``) with setns(2) and
 writes the given ``/proc/sys`` keys; ``/proc/sys/net`` always shows the
-namespace of the writing thread. ``wait-dad`` waits until no IPv6 address in
-the named namespaces is tentative (``/proc/thread-self/net/if_inet6``) and
-fails if duplicate address detection failed anywhere. One process instead of
+namespace of the writing thread. ``wait-ready`` waits until, in every named
+namespace, no IPv6 address is tentative and every interface has its
+link-local address (``/proc/thread-self/net/if_inet6``), and fails if
+duplicate address detection failed anywhere. One process instead of
 one ``ip netns exec`` per namespace keeps a 50-gateway lab quick to build.
 """
 
@@ -70,42 +71,64 @@ def address_flags() -> list[tuple[str, str, int]]:
     return out
 
 
-def wait_dad(names: Sequence[str], timeout: float) -> list[str]:
-    """Return problems (empty when every address is usable)."""
+def interfaces() -> list[str]:
+    """Names of the interfaces of the current namespace, loopback excluded."""
+    with open("/proc/thread-self/net/dev") as f:
+        names = [line.split(":", 1)[0].strip() for line in f if ":" in line]
+    return [n for n in names if n != "lo"]
+
+
+def not_ready(name: str) -> tuple[list[str], list[str]]:
+    """(problems, interfaces still waiting) in namespace ``name``.
+
+    Waiting: an IPv6 address is tentative, or an interface has no link-local
+    address yet (IPv6 configures a link only once its operstate is up, which
+    the kernel may report up to a second after the carrier comes up).
+    """
+    with netns(name):
+        flags = address_flags()
+        ifaces = interfaces()
+    problems = [
+        f"{name}: {dev} {addr}: DAD failed" for addr, dev, f in flags if f & IFA_F_DADFAILED
+    ]
+    waiting = sorted({dev for _, dev, f in flags if f & IFA_F_TENTATIVE})
+    linklocal = {dev for addr, dev, _ in flags if addr.startswith("fe80")}
+    waiting += [dev for dev in ifaces if dev not in linklocal and dev not in waiting]
+    return problems, waiting
+
+
+def wait_ready(names: Sequence[str], timeout: float) -> list[str]:
+    """Return problems (empty once every namespace is ready)."""
     deadline = time.monotonic() + timeout
-    waiting = list(names)
+    pending = list(names)
     while True:
-        still: list[str] = []
-        problems: list[str] = []
-        for name in waiting:
-            with netns(name):
-                flags = address_flags()
-            if any(f & IFA_F_DADFAILED for _, _, f in flags):
-                problems.append(f"{name}: duplicate address detection failed")
-            elif any(f & IFA_F_TENTATIVE for _, _, f in flags):
-                still.append(name)
-        if problems:
-            return problems
+        still: dict[str, list[str]] = {}
+        for name in pending:
+            problems, waiting = not_ready(name)
+            if problems:
+                return problems
+            if waiting:
+                still[name] = waiting
         if not still:
             return []
         if time.monotonic() > deadline:
-            return [f"{name}: addresses still tentative" for name in still]
-        waiting = still
-        time.sleep(0.02)
+            return [f"{name}: IPv6 not ready on {', '.join(devs)}" for name, devs in still.items()]
+        pending = list(still)
+        time.sleep(0.01)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="drawbridge_lab.nsctl")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("sysctl")
-    wait = sub.add_parser("wait-dad")
+    wait = sub.add_parser("wait-ready")
     wait.add_argument("--timeout", type=float, default=5.0)
     wait.add_argument("names", nargs="+")
     args = parser.parse_args(argv)
     if args.cmd == "sysctl":
         apply_sysctls(json.load(sys.stdin))
         return 0
-    problems = wait_dad(args.names, args.timeout)
+    problems = wait_ready(args.names, args.timeout)
     for problem in problems:
         sys.stderr.write(problem + "\n")
     return 1 if problems else 0
