@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from drawbridge_lab import Lab, cleanup_stale
 
+from drawbridge_lab import Lab, cleanup_stale
 from tests.lab.agent_rig import MGMT_PORT, AgentRig
 
 LAB_TESTS = Path(__file__).resolve().parent

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from drawbridge_lab import Lab, cleanup_stale
 from drawbridge_lab.addressing import MAX_GATEWAYS, gateway_addresses
 from drawbridge_lab.netns import list_namespaces, namespace_pids
