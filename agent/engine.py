@@ -113,6 +113,10 @@ class EngineStats:
     last_apply_seconds: float = 0.0
 
 
+def _who(req: IsolateRequest | RestoreRequest | AllowRequest) -> dict[str, Any]:
+    return {"actor": req.actor, "reason": req.reason, "ticket": req.ticket}
+
+
 def resolve_host(host: str) -> tuple[IPNetwork, ...]:
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
@@ -226,7 +230,8 @@ class Engine:
         return problems
 
     def _change(self, action: str, new: DesiredState, old: DesiredState,
-                extra: dict[str, Any]) -> ChangeResult:
+                who: dict[str, Any]) -> ChangeResult:
+        """Apply `new` (replacing `old`); `who` is the journal's actor, reason, ticket, ..."""
         phases = Phases()
         policy = self.policy_for(new)  # may raise before anything is touched
         phases.mark("policy")
@@ -239,18 +244,18 @@ class Engine:
             problems = self._converge(policy, phases)
         except DrawbridgeError as exc:
             self.store.save(old)
-            self.store.journal(action=action, actor=new.actor, reason=new.reason,
-                               profile=new.profile, result="failed", error=str(exc), **extra)
+            self.store.journal(action=action, profile=new.profile, result="failed",
+                               error=str(exc), **who)
             raise
         verification = self.verifier(new, not problems)
         phases.mark("verify")
         final = new.model_copy(update={"verification": verification})
         self.store.save(final)
         self.store.journal(
-            action=action, actor=new.actor, reason=new.reason, profile=new.profile,
-            result="applied", in_sync=not problems, verification=verification.status,
+            action=action, profile=new.profile, result="applied", in_sync=not problems,
+            verification=verification.status,
             failing=list(verification.failing), apply_seconds=round(phases.times["apply"], 6),
-            generation=new.generation, **extra,
+            generation=new.generation, **who,
         )
         return ChangeResult(
             action=action, gateway=self.config.gateway,
@@ -273,14 +278,14 @@ class Engine:
                 actor=req.actor, reason=req.reason,
                 exceptions=old.live_exceptions(now), generation=old.generation + 1,
             )
-            return self._change("isolate", new, old, {"ticket": req.ticket})
+            return self._change("isolate", new, old, _who(req))
 
     def restore(self, req: RestoreRequest) -> ChangeResult:
         with self.store.locked():
             old = self.store.load()
             new = DesiredState(profile=None, since=self.clock(), actor=req.actor,
                                reason=req.reason, generation=old.generation + 1)
-            return self._change("restore", new, old, {"ticket": req.ticket})
+            return self._change("restore", new, old, _who(req))
 
     def allow(self, req: AllowRequest) -> ChangeResult:
         with self.store.locked():
@@ -297,19 +302,18 @@ class Engine:
                 "exceptions": (*old.live_exceptions(now), entry),
                 "generation": old.generation + 1,
             })
-            extra = {"ticket": req.ticket, "exception": entry.model_dump(mode="json")}
+            who = {**_who(req), "exception": entry.model_dump(mode="json")}
             if not old.isolated:
                 # nothing to open while everything is open; kept for the next isolation
                 self.store.save(new)
-                self.store.journal(action="allow", actor=req.actor, reason=req.reason,
-                                   profile=None, result="recorded", **extra)
+                self.store.journal(action="allow", profile=None, result="recorded", **who)
                 return ChangeResult(
                     action="allow", gateway=self.config.gateway, state="open", profile=None,
                     changed=True, in_sync=True, verification=old.verification, apply_seconds=0.0,
                     generation=new.generation,
                     note="gateway is open; the exception applies if it is isolated before expiry",
                 )
-            return self._change("allow", new, old, extra)
+            return self._change("allow", new, old, who)
 
     def reconcile(self) -> ChangeResult | None:
         """Compare kernel and desired state; repair any drift. Returns the repair, if any."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.lab.agent_rig import AgentRig, check_flows, flow_matrix, matrix_mismatches
+from drawbridge_lab.flows import check_flows, flow_matrix, matrix_mismatches
+from tests.lab.agent_rig import AgentRig
 
 pytestmark = pytest.mark.lab
 

@@ -283,7 +283,7 @@ class ProbedAgent:
         """GET /metrics from the management host, as Prometheus would."""
         addr = addr or self.gw.mgmt_addr4
         host = f"[{addr}]" if ":" in addr else addr
-        out = self.lab.run(self.lab.mgmt_ns, [PY, "-c", FETCH,
+        out = self.lab.run(self.lab.mgmt_ns, [PY, "-I", "-S", "-c", FETCH,
                                               f"http://{host}:{METRICS_PORT}/metrics"],
                            check=False, timeout=20)
         return out.stdout if out.returncode == 0 else None
