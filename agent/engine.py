@@ -4,8 +4,9 @@ Every change follows the same path under the agent lock:
 validate -> render -> dry check -> write desired state -> one atomic nft
 transaction -> read back and compare -> verify. If nft refuses, the previous
 desired state is written back, so the disk never claims what the kernel
-does not hold. The script is handed to nft as a complete file: if this
-process is killed mid-apply, nft either never started or commits all of it.
+does not hold. The script is read from a complete file and sent as one
+netlink batch: if this process is killed mid-apply, the kernel commits all of
+it or none of it, and the reconcile loop converges on the desired state.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -109,7 +110,6 @@ class EngineStats:
     """In-process counters the metrics collector reads (this process's lifetime)."""
 
     drift_repairs: int = 0
-    apply_durations: list[float] = field(default_factory=list)
     last_apply_seconds: float = 0.0
 
 
