@@ -11,26 +11,9 @@ from typing import Any
 import pytest
 
 from agent.engine import Engine
-from agent.nft.facts import Facts
 from agent.rpc import MAX_LINE_BYTES, Dispatcher, read_lines
 from tests.unit.conftest import make_config
-
-
-class RecordingNft:
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def check(self, script: str) -> None:
-        self.calls.append("check")
-
-    def apply_file(self, path: str) -> None:
-        self.calls.append("apply")
-
-    def read_table(self) -> Facts:
-        return Facts(present=False)
-
-    def counters(self) -> dict[str, tuple[int, int]]:
-        return {}
+from tests.unit.fakes import RecordingNft
 
 
 @pytest.fixture
