@@ -57,11 +57,12 @@ class Ctx:
 
     def dispatcher(self) -> Dispatcher:
         from agent.engine import Engine
-        from agent.probes_bridge import probe_handler, verifier_for
+        from agent.probes_bridge import ProbeService, probe_handler, verifier_for
 
         config = self.config
-        engine = Engine(config, verifier=verifier_for(config))
-        return Dispatcher(engine, probe=probe_handler(config))
+        probes = ProbeService(config.probes)
+        engine = Engine(config, verifier=verifier_for(config, probes))
+        return Dispatcher(engine, probe=probe_handler(config, probes))
 
     def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """Through the daemon if it runs, else directly (break-glass)."""
@@ -141,7 +142,7 @@ def run(ctx: typer.Context, log_level: Annotated[str, typer.Option(
 
     setup_logging(log_level)
     c: Ctx = ctx.obj
-    Daemon(c.config, c.dispatcher().engine).run_forever()
+    Daemon(c.config).run_forever()
 
 
 @app.command()
@@ -256,10 +257,14 @@ def probe(ctx: typer.Context, as_json: Annotated[bool, typer.Option(
     if as_json:
         out.print_json(data=result)
         return
-    table = Table("probe", "type", "target", "result", "expected", "ok", "ms")
+    state = result.get("state", "?") + (f" (profile {result['profile']})"
+                                        if result.get("profile") else "")
+    table = Table("probe", "type", "target", "result", "detail", "expected", "ok", "ms",
+                  title=f"probes, judged for the current state: {state}")
     for p in result.get("probes", []):
-        table.add_row(p["name"], p["type"], p["target"], p["outcome"], p["expected"],
-                      "yes" if p["ok"] else "NO", f"{p['duration_seconds'] * 1000:.0f}")
+        table.add_row(p["name"], p["type"], p["target"], p["outcome"], p.get("detail", ""),
+                      p["expected"], "yes" if p["ok"] else "NO",
+                      f"{p['duration_seconds'] * 1000:.0f}")
     out.print(table)
     if result.get("note"):
         out.print(result["note"])

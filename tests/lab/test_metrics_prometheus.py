@@ -74,7 +74,7 @@ class Prometheus:
             return None
         return float(data["result"][0]["value"][1])
 
-    def wait_value(self, expr: str, want: Any, timeout: float = 20) -> None:
+    def wait_value(self, expr: str, want: Any, timeout: float = 30) -> None:
         check = want if callable(want) else (lambda v: v == want)
         wait_for(lambda: (v := self.value(expr)) is not None and check(v), timeout,
                  f"Prometheus to see {expr} {want}", step=0.3)

@@ -270,8 +270,8 @@ class ProbedAgent:
         self.daemon = self.lab.popen(self.gw.ns, [AGENT, "-c", str(self.config_path), "run"],
                                      stdout=log, stderr=log)
         log.close()
-        wait_for(lambda: (self.workdir / "state" / "agent.sock").exists(), 20, "agent socket")
-        wait_for(lambda: self.scrape() is not None, 20, "metrics endpoint")
+        wait_for(lambda: (self.workdir / "state" / "agent.sock").exists(), 30, "agent socket")
+        wait_for(lambda: self.scrape() is not None, 30, "metrics endpoint")
 
     def stop(self) -> None:
         if self.daemon is not None and self.daemon.poll() is None:

@@ -1,0 +1,359 @@
+"""The HTTP API (FastAPI; OpenAPI schema at /openapi.json, docs at /docs).
+
+Authentication happens in a small ASGI middleware, before a body is read:
+no token, a bad token or a revoked one is a 401; a body over the limit is a
+413. Roles are checked per route (403). Every refusal is audited. Commands
+answer with one JSON result, or, when the client sends
+`Accept: application/x-ndjson`, with a stream of events (accepted, one result
+per gateway as it arrives, done), which is how the CLI draws its progress bar.
+A command runs to the end and is audited even if the client goes away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from typing import Annotated, Any
+
+import anyio
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from controller.audit import HistoryQuery, VerifyReport
+from controller.auth import Principal, Role, TokenInfo
+from controller.errors import ControllerError, InputError, Unauthorized
+from controller.schemas import (
+    AllowBody,
+    CommandResult,
+    ErrorResponse,
+    GatewayAddBody,
+    GatewayRemoveBody,
+    GatewayView,
+    Health,
+    HistoryResponse,
+    IsolateBody,
+    PlanResult,
+    ProbeBody,
+    RestoreBody,
+    TokenCreateBody,
+    TokenCreated,
+)
+from controller.service import Controller, Emit
+from controller.timeparse import parse_when
+
+log = logging.getLogger("drawbridge.controller.api")
+
+NDJSON = "application/x-ndjson"
+OPEN_PATHS = frozenset({"/v1/health", "/openapi.json", "/docs", "/docs/oauth2-redirect",
+                        "/redoc"})
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def _error(status: int, code: str, message: str,
+           details: list[dict[str, Any]] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={
+        "error": {"code": code, "message": message, "details": details or []}})
+
+
+class GateMiddleware:
+    """401 before anything is read; 413 for oversize bodies (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, ctl: Controller) -> None:
+        self.app = app
+        self.ctl = ctl
+        self.limit = ctl.config.api.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        method = scope.get("method", "GET")
+        open_path = path in OPEN_PATHS or (
+            path == "/metrics" and not self.ctl.config.api.metrics_require_token)
+        principal: Principal | None = None
+        if not open_path:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                       for k, v in scope.get("headers", [])}
+            auth = headers.get("authorization", "")
+            token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+            try:
+                principal = await anyio.to_thread.run_sync(
+                    lambda: self.ctl.authenticate(token, path=f"{method} {path}"))
+            except Unauthorized as exc:
+                await _error(401, exc.code, exc.message)(scope, receive, send)
+                return
+            scope.setdefault("state", {})["principal"] = principal
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._too_large(principal, method, path, scope, receive, send)
+            return
+        # Read the whole body here (it is small by contract) so that an oversize one is
+        # refused before any route sees a byte of it, whether or not it was declared.
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # client went away
+            body += message.get("body", b"")
+            more = bool(message.get("more_body", False))
+            if len(body) > self.limit:
+                await self._too_large(principal, method, path, scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, principal: Principal | None, method: str, path: str,
+                         scope: Scope, receive: Receive, send: Send) -> None:
+        exc = ControllerError(f"the request body exceeds {self.limit} bytes", code="too_large")
+        await anyio.to_thread.run_sync(
+            lambda: self.ctl.refused(principal, f"{method} {path}", exc))
+        await _error(413, exc.code, exc.message)(scope, receive, send)
+
+
+def _principal(request: Request) -> Principal:
+    principal = getattr(request.state, "principal", None)
+    if not isinstance(principal, Principal):  # only if the middleware is not installed
+        raise Unauthorized("not authenticated")
+    return principal
+
+
+def _needs(role: Role) -> Callable[[Request], Principal]:
+    def check(request: Request) -> Principal:
+        principal = _principal(request)
+        ctl: Controller = request.app.state.controller
+        path = request.url.path
+        what = {"GET": "reading"}.get(request.method, path.removeprefix("/v1/").split("/")[0])
+        ctl.require(principal, role, what, request=f"{request.method} {path}")
+        return principal
+    return check
+
+
+Viewer = Annotated[Principal, Depends(_needs(Role.viewer))]
+Operator = Annotated[Principal, Depends(_needs(Role.operator))]
+Admin = Annotated[Principal, Depends(_needs(Role.admin))]
+
+
+def _run_stream(run: Callable[[Emit], BaseModel]) -> StreamingResponse:
+    """Run a command on its own thread; stream its events as NDJSON lines."""
+    events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+
+    def worker() -> None:
+        try:
+            result = run(events.put)
+            events.put({"event": "done", "result": result.model_dump(mode="json")})
+        except ControllerError as exc:
+            events.put({"event": "error", "error": {"code": exc.code, "message": exc.message}})
+        except Exception as exc:
+            log.exception("command failed")
+            events.put({"event": "error",
+                        "error": {"code": "internal", "message": f"internal error: {exc!r}"}})
+        finally:
+            events.put(None)
+
+    threading.Thread(target=worker, name="command", daemon=True).start()
+
+    def lines() -> Iterator[str]:
+        while (item := events.get()) is not None:
+            yield json.dumps(item, default=str) + "\n"
+
+    return StreamingResponse(lines(), media_type=NDJSON)
+
+
+def _wants_stream(request: Request) -> bool:
+    return NDJSON in request.headers.get("accept", "")
+
+
+def create_app(ctl: Controller) -> FastAPI:
+    app = FastAPI(
+        title="Drawbridge controller",
+        version="1",
+        description="Isolate and restore gateways fleet-wide over SSH, with an audit trail. "
+                    "Authenticate with 'Authorization: Bearer <token>'. Commands stream NDJSON "
+                    "events when asked with 'Accept: application/x-ndjson'.",
+        responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+                   413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    )
+    app.add_middleware(GateMiddleware, ctl=ctl)
+    app.state.controller = ctl
+
+    @app.exception_handler(ControllerError)
+    async def _controller_error(request: Request, exc: ControllerError) -> JSONResponse:
+        return _error(exc.http_status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [{"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", "")}
+                   for e in exc.errors()]
+        parts = [f"{'.'.join(d['loc'][1:] or d['loc'])}: "
+                 f"{str(d['msg']).removeprefix('Value error, ')}" for d in details[:5]]
+        message = "invalid request: " + "; ".join(parts)
+        principal = getattr(request.state, "principal", None)
+        refusal = InputError(message)
+        await anyio.to_thread.run_sync(lambda: ctl.refused(
+            principal if isinstance(principal, Principal) else None,
+            f"{request.method} {request.url.path}", refusal))
+        return _error(422, "bad_request", message, details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, "http_error", str(exc.detail))
+
+    @app.get("/v1/health", response_model=Health, tags=["meta"])
+    def health() -> Health:
+        return Health(status="ok", gateways=len(ctl.inventory.all()),
+                      schema_version=ctl.db.schema_version(),
+                      audit_records=ctl.audit.last_seq())
+
+    @app.get("/metrics", tags=["meta"], response_class=Response)
+    def metrics() -> Response:
+        return Response(generate_latest(ctl.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/whoami", tags=["meta"])
+    def whoami(p: Viewer) -> dict[str, str]:
+        return {"user": p.user, "role": p.role.name}
+
+    # -- inventory -------------------------------------------------------------------------
+
+    @app.get("/v1/gateways", response_model=list[GatewayView], tags=["inventory"])
+    def list_gateways(p: Viewer) -> list[GatewayView]:
+        return ctl.views()
+
+    @app.post("/v1/gateways", response_model=GatewayView, status_code=201, tags=["inventory"])
+    def add_gateway(body: GatewayAddBody, p: Admin) -> GatewayView:
+        gw = ctl.add_gateway(p, name=body.name, address=body.address, user=body.user,
+                             key_path=body.key_path, host_key=body.host_key,
+                             trust_on_first_use=body.trust_on_first_use, groups=body.groups,
+                             reason=body.reason, ticket=body.ticket)
+        return next(v for v in ctl.views() if v.name == gw.name)
+
+    @app.delete("/v1/gateways/{name}", tags=["inventory"])
+    def remove_gateway(name: str, body: GatewayRemoveBody, p: Admin) -> dict[str, str]:
+        ctl.remove_gateway(p, name, reason=body.reason, ticket=body.ticket)
+        return {"removed": name}
+
+    @app.get("/v1/status", response_model=list[GatewayView], tags=["state"])
+    def status(p: Viewer, refresh: bool = False) -> list[GatewayView]:
+        if refresh:
+            ctl.poll_once()
+        return ctl.views()
+
+    # -- commands --------------------------------------------------------------------------
+
+    @app.post("/v1/isolate", response_model=CommandResult, tags=["commands"])
+    def isolate(body: IsolateBody, p: Operator, request: Request) -> Any:
+        gateways = ctl.select(p, body.targets, "isolate")
+
+        def run(emit: Emit) -> CommandResult:
+            return ctl.run_command(gateways, action="isolate", op="isolate", actor=p.user,
+                                   reason=body.reason, ticket=body.ticket,
+                                   args={"profile": body.profile}, emit=emit)
+        return _run_stream(run) if _wants_stream(request) else run(lambda e: None)
+
+    @app.post("/v1/restore", response_model=CommandResult | PlanResult, tags=["commands"])
+    def restore(body: RestoreBody, p: Admin, request: Request) -> Any:
+        gateways = ctl.select(p, body.targets, "restore")
+        plan = body.plan
+        if plan is not None:
+            try:
+                plan.window(body.from_stage, body.through_stage)
+            except ControllerError as exc:
+                ctl.refused(p, "restore", exc)
+                raise
+
+            def run(emit: Emit) -> BaseModel:
+                assert plan is not None
+                return ctl.restore_plan(p, body.targets, plan, reason=body.reason,
+                                        ticket=body.ticket, start=body.from_stage,
+                                        through=body.through_stage, emit=emit)
+        else:
+            def run(emit: Emit) -> BaseModel:
+                return ctl.run_command(gateways, action="restore", op="restore", actor=p.user,
+                                       reason=body.reason, ticket=body.ticket, args={},
+                                       emit=emit)
+        return _run_stream(run) if _wants_stream(request) else run(lambda e: None)
+
+    @app.post("/v1/allow", response_model=CommandResult, tags=["commands"])
+    def allow(body: AllowBody, p: Operator, request: Request) -> Any:
+        gateways = ctl.select(p, body.targets, "allow")
+        flow = {"cidr": str(body.cidr), "proto": body.proto,
+                "ports": [lo if lo == hi else f"{lo}-{hi}" for lo, hi in body.ports],
+                "direction": body.direction, "duration_seconds": body.duration_seconds}
+
+        def run(emit: Emit) -> CommandResult:
+            return ctl.run_command(gateways, action="allow", op="allow", actor=p.user,
+                                   reason=body.reason, ticket=body.ticket, args=flow, emit=emit)
+        return _run_stream(run) if _wants_stream(request) else run(lambda e: None)
+
+    @app.post("/v1/probe", response_model=CommandResult, tags=["commands"])
+    def probe(body: ProbeBody, p: Operator, request: Request) -> Any:
+        gateways = ctl.select(p, body.targets, "probe")
+
+        def run(emit: Emit) -> CommandResult:
+            return ctl.run_command(gateways, action="probe", op="probe", actor=p.user,
+                                   reason=body.reason or "probe", ticket=None, args={},
+                                   emit=emit)
+        return _run_stream(run) if _wants_stream(request) else run(lambda e: None)
+
+    # -- history and audit -----------------------------------------------------------------
+
+    @app.get("/v1/history", response_model=HistoryResponse, tags=["audit"])
+    def history(
+        p: Viewer,
+        gateway: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        actor: str | None = None,
+        action: str | None = None,
+        command_id: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+    ) -> HistoryResponse:
+        now = ctl.clock()
+        query = HistoryQuery(
+            gateway=gateway, actor=actor, action=action, command_id=command_id, limit=limit,
+            since=parse_when(since, now) if since else None,
+            until=parse_when(until, now) if until else None)
+        return HistoryResponse(records=ctl.history(query))
+
+    @app.get("/v1/audit/verify", response_model=VerifyReport, tags=["audit"])
+    def verify(p: Viewer) -> VerifyReport:
+        return ctl.verify_audit()
+
+    # -- users -----------------------------------------------------------------------------
+
+    @app.post("/v1/tokens", response_model=TokenCreated, status_code=201, tags=["users"])
+    def create_token(body: TokenCreateBody, p: Admin) -> TokenCreated:
+        try:
+            token = ctl.create_token(user=body.user, role=Role.parse(body.role),
+                                     created_by=p.user, reason=body.reason,
+                                     ticket=body.ticket, description=body.description)
+        except ControllerError as exc:
+            ctl.refused(p, "token.create", exc)
+            raise
+        return TokenCreated(token=token, user=body.user, role=body.role)
+
+    @app.get("/v1/tokens", response_model=list[TokenInfo], tags=["users"])
+    def list_tokens(p: Admin) -> list[TokenInfo]:
+        return ctl.tokens.list()
+
+    return app

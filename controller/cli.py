@@ -1,0 +1,485 @@
+"""`drawbridge`: the engineer's command line against the controller's API.
+
+Environment: DRAWBRIDGE_URL (default http://127.0.0.1:8630), DRAWBRIDGE_TOKEN.
+
+Exit codes: 0 every gateway applied (and verified where there is something to
+verify); 1 at least one gateway failed, was unreachable or refused; 2 bad
+input (unknown gateway, invalid reason, ...); 3 not authenticated or not
+allowed; 4 controller unreachable or internal error; 6 applied but not
+verified on at least one gateway (and none failed).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from controller.client import DEFAULT_URL, ApiClient, ClientError
+
+EXIT_FAILED, EXIT_INPUT, EXIT_AUTH, EXIT_CONTROLLER, EXIT_UNVERIFIED = 1, 2, 3, 4, 6
+
+app = typer.Typer(help="Drawbridge: isolate and restore gateways fleet-wide, with proof.",
+                  no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+gateway_app = typer.Typer(help="The gateway inventory.", no_args_is_help=True,
+                          rich_markup_mode=None)
+audit_app = typer.Typer(help="The audit log.", no_args_is_help=True, rich_markup_mode=None)
+token_app = typer.Typer(help="API tokens (admin).", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(gateway_app, name="gateway")
+app.add_typer(audit_app, name="audit")
+app.add_typer(token_app, name="token")
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="JSON output.")]
+ReasonOpt = Annotated[str, typer.Option(help="Why (kept in the audit log, sent to the gateway).")]
+TicketOpt = Annotated[str | None, typer.Option(help="Ticket id (optional).")]
+GroupOpt = Annotated[list[str] | None, typer.Option("--group", "-g",
+                                                    help="Every gateway in this group.")]
+AllOpt = Annotated[bool, typer.Option("--all", help="Every gateway in the inventory.")]
+NamesArg = Annotated[list[str] | None, typer.Argument(help="Gateway names.")]
+
+
+def print_json(data: Any) -> None:
+    """Plain JSON on stdout for scripts (no colours, no wrapping)."""
+    print(json.dumps(data, indent=2, sort_keys=False))
+
+
+def fail(message: str, code: int) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def exit_code_for(exc: ClientError) -> int:
+    if exc.status in (401, 403):
+        return EXIT_AUTH
+    if 400 <= exc.status < 500:
+        return EXIT_INPUT
+    return EXIT_CONTROLLER
+
+
+def client() -> ApiClient:
+    return ApiClient(os.environ.get("DRAWBRIDGE_URL", DEFAULT_URL),
+                     os.environ.get("DRAWBRIDGE_TOKEN"))
+
+
+def call(method: str, path: str, body: Any = None, **params: Any) -> Any:
+    api = client()
+    try:
+        if method == "GET":
+            return api.get(path, **params)
+        if method == "DELETE":
+            return api.delete(path, body)
+        return api.post(path, body)
+    except ClientError as exc:
+        fail(str(exc), exit_code_for(exc))
+    finally:
+        api.close()
+
+
+def targets(names: list[str] | None, groups: list[str] | None, all_: bool) -> dict[str, Any]:
+    if not names and not groups and not all_:
+        fail("say which gateways: NAME..., --group G or --all", EXIT_INPUT)
+    if all_ and (names or groups):
+        fail("--all cannot be combined with names or --group", EXIT_INPUT)
+    return {"gateways": names or [], "groups": groups or [], "all": all_}
+
+
+def when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+# -- commands with fan-out ---------------------------------------------------------------
+
+OUTCOME_STYLE = MappingProxyType({
+    "verified": "green", "applied": "green", "unverified": "yellow", "failed": "red",
+    "unreachable": "red", "refused": "bold red"})
+
+
+def run_command(path: str, body: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    """POST a command, streaming per-gateway results into a progress bar."""
+    api = client()
+    final: dict[str, Any] | None = None
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=err, transient=True,
+                        disable=as_json or not err.is_terminal)
+    task = None
+    try:
+        with progress:
+            for event in api.stream(path, body):
+                kind = event.get("event")
+                if kind == "accepted":
+                    label = f"{event.get('action', '')} {event.get('total', 0)} gateway(s)"
+                    if task is not None:
+                        progress.remove_task(task)
+                    task = progress.add_task(label, total=event.get("total", 0))
+                elif kind == "stage" and not as_json:
+                    progress.console.print(f"stage [bold]{event['name']}[/]: {event['action']}"
+                                           + (f" (profile {event['profile']})"
+                                              if event.get("profile") else "")
+                                           + f" on {', '.join(event['gateways'])}",
+                                           highlight=False)
+                elif kind == "result" and task is not None:
+                    progress.advance(task)
+                elif kind == "done":
+                    final = event["result"]
+                elif kind == "error":
+                    error = event.get("error", {})
+                    fail(error.get("message", "the command failed"), EXIT_CONTROLLER)
+    except ClientError as exc:
+        fail(str(exc), exit_code_for(exc))
+    finally:
+        api.close()
+    if final is None:
+        fail("the controller ended the command stream without a result; see "
+             "'drawbridge history'", EXIT_CONTROLLER)
+    return final
+
+
+def results_table(cmd: dict[str, Any]) -> Table:
+    table = Table("gateway", "result", "state", "profile", "verification", "ms", "detail",
+                  title=f"{cmd['action']} {cmd['command_id']}" + (
+                      f" - stage {cmd['stage']}" if cmd.get("stage") else ""))
+    for r in cmd["results"]:
+        style = OUTCOME_STYLE.get(r["outcome"], "")
+        table.add_row(r["gateway"], f"[{style}]{r['outcome']}[/]" if style else r["outcome"],
+                      r.get("state") or "-", r.get("profile") or "-",
+                      r.get("verification") or "-", f"{r['duration_seconds'] * 1000:.0f}",
+                      r.get("message") or "")
+    return table
+
+
+def command_exit(commands: list[dict[str, Any]], stopped: bool = False) -> int:
+    outcomes = [r["outcome"] for c in commands for r in c["results"]]
+    if stopped or any(o in ("failed", "unreachable", "refused") for o in outcomes):
+        return EXIT_FAILED
+    if any(o == "unverified" for o in outcomes):
+        return EXIT_UNVERIFIED
+    return 0
+
+
+def finish(result: dict[str, Any], as_json: bool) -> NoReturn:
+    if "stages" in result:  # a restore plan
+        commands = [s["command"] for s in result["stages"] if s.get("command")]
+        if as_json:
+            print_json(result)
+        else:
+            for stage in result["stages"]:
+                if stage.get("command"):
+                    out.print(results_table(stage["command"]))
+                else:
+                    out.print(f"stage {stage['name']}: skipped ({stage.get('skipped')})",
+                              highlight=False)
+            if result.get("stopped"):
+                out.print(f"[bold red]plan stopped:[/] {result['stopped']}", highlight=False)
+            else:
+                out.print(f"plan {result['plan']!r} completed", highlight=False)
+        raise typer.Exit(command_exit(commands, bool(result.get("stopped"))))
+    if as_json:
+        print_json(result)
+    else:
+        out.print(results_table(result))
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(result["counts"].items()))
+        out.print(f"{len(result['results'])} gateway(s) in {result['duration_seconds']:.2f}s: "
+                  f"{counts}", highlight=False)
+        retry = [r["gateway"] for r in result["results"] if r.get("will_retry")]
+        if retry:
+            out.print(f"pending, retried when they answer again: {', '.join(retry)}",
+                      highlight=False)
+    raise typer.Exit(command_exit([result]))
+
+
+@app.command()
+def isolate(
+    reason: ReasonOpt,
+    names: NamesArg = None,
+    group: GroupOpt = None,
+    all_: AllOpt = False,
+    profile: Annotated[str, typer.Option(help="internet, full, or a profile the agents know.")]
+    = "internet",
+    ticket: TicketOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cut gateways (and what is behind them) off the outside."""
+    body = {"targets": targets(names, group, all_), "profile": profile, "reason": reason,
+            "ticket": ticket}
+    finish(run_command("/v1/isolate", body, as_json), as_json)
+
+
+@app.command()
+def restore(
+    reason: ReasonOpt,
+    names: NamesArg = None,
+    group: GroupOpt = None,
+    all_: AllOpt = False,
+    plan: Annotated[Path | None, typer.Option(help="Restore plan (TOML): stages.")] = None,
+    from_stage: Annotated[str | None, typer.Option("--from", help="Start at this stage.")]
+    = None,
+    through: Annotated[str | None, typer.Option(help="Stop after this stage.")] = None,
+    ticket: TicketOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Bring gateways back: fully, or stage by stage with --plan."""
+    body: dict[str, Any] = {"targets": targets(names, group, all_), "reason": reason,
+                            "ticket": ticket}
+    if plan is not None:
+        from controller.errors import ControllerError
+        from controller.plans import load_plan
+
+        try:
+            body["plan"] = load_plan(plan).model_dump(mode="json")
+        except ControllerError as exc:
+            fail(exc.message, EXIT_INPUT)
+        body["from_stage"], body["through_stage"] = from_stage, through
+    elif from_stage or through:
+        fail("--from and --through need --plan", EXIT_INPUT)
+    finish(run_command("/v1/restore", body, as_json), as_json)
+
+
+@app.command()
+def allow(
+    cidr: Annotated[str, typer.Option(help="Remote network, e.g. 203.0.113.0/24.")],
+    proto: Annotated[str, typer.Option(help="tcp, udp or icmp.")],
+    duration: Annotated[str, typer.Option("--for", help="Lifetime: 90s, 15m, 4h, 2d.")],
+    reason: ReasonOpt,
+    names: NamesArg = None,
+    port: Annotated[list[str] | None, typer.Option(
+        help="Port or range (repeatable); none = all ports.")] = None,
+    direction: Annotated[str, typer.Option(help="out, in or both.")] = "both",
+    group: GroupOpt = None,
+    all_: AllOpt = False,
+    ticket: TicketOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Open one flow through isolation until it expires (the kernel closes it)."""
+    from agent.requests import parse_duration
+
+    try:
+        seconds = parse_duration(duration)
+    except ValueError as exc:
+        fail(f"--for: {exc}", EXIT_INPUT)
+    ports: list[Any] = [int(p) if p.isdigit() else p for p in port or []]
+    body = {"targets": targets(names, group, all_), "cidr": cidr, "proto": proto,
+            "ports": ports, "direction": direction, "duration_seconds": seconds,
+            "reason": reason, "ticket": ticket}
+    finish(run_command("/v1/allow", body, as_json), as_json)
+
+
+@app.command()
+def probe(
+    names: NamesArg = None,
+    group: GroupOpt = None,
+    all_: AllOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the gateways' probes now and compare with what their state expects."""
+    body = {"targets": targets(names, group, all_), "reason": "probe"}
+    result = run_command("/v1/probe", body, as_json)
+    if not as_json:
+        table = Table("gateway", "probe", "type", "target", "result", "expected", "ok")
+        for r in result["results"]:
+            for p in (r.get("result") or {}).get("probes", []):
+                table.add_row(r["gateway"], str(p.get("name")), str(p.get("type", "")),
+                              str(p.get("target", "")), str(p.get("outcome", "")),
+                              str(p.get("expected", "")), "yes" if p.get("ok") else "NO")
+        if table.row_count:
+            out.print(table)
+    finish(result, as_json)
+
+
+# -- state, history, audit -----------------------------------------------------------------
+
+
+@app.command()
+def status(
+    refresh: Annotated[bool, typer.Option(help="Poll every gateway now.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Last known state of every gateway (exit 1 if any is unreachable, 6 if unverified)."""
+    views = call("GET", "/v1/status", refresh=str(refresh).lower())
+    if as_json:
+        print_json(views)
+    else:
+        table = Table("gateway", "reach", "state", "profile", "verification", "since",
+                      "by", "reason", "pending / last error")
+        for v in views:
+            reach = {True: "[green]up[/]", False: "[red]DOWN[/]"}.get(v["reachable"], "?")
+            verification = v.get("verification") or "-"
+            if v.get("in_sync") is False:
+                verification += " [red](drift)[/]"
+            note = ""
+            if v.get("pending"):
+                p = v["pending"]
+                note = f"pending {p['action']}" + (f" {p['profile']}" if p.get("profile")
+                                                   else "")
+            if v.get("last_error"):
+                note = (note + "; " if note else "") + v["last_error"]
+            table.add_row(v["name"], reach, v.get("state") or "?", v.get("profile") or "-",
+                          verification, when(v.get("since")), v.get("actor") or "-",
+                          v.get("reason") or "-", note)
+        out.print(table)
+    if any(v["reachable"] is False for v in views):
+        raise typer.Exit(EXIT_FAILED)
+    if any(v.get("state") == "isolated" and (v.get("verification") != "verified"
+                                             or v.get("in_sync") is False) for v in views):
+        raise typer.Exit(EXIT_UNVERIFIED)
+
+
+CSV_FIELDS = ("seq", "time", "actor", "action", "outcome", "targets", "reason", "ticket",
+              "command_id", "detail", "hash")
+
+
+@app.command()
+def history(
+    gateway: Annotated[str | None, typer.Option(help="Only records about this gateway.")]
+    = None,
+    since: Annotated[str | None, typer.Option(help="From: 2h, 3d (ago), 2025-07-23, ISO time.")]
+    = None,
+    until: Annotated[str | None, typer.Option(help="Until (same forms as --since).")] = None,
+    actor: Annotated[str | None, typer.Option(help="Only this actor.")] = None,
+    action: Annotated[str | None, typer.Option(
+        help="Only this action (isolate, restore, gateway, state, ...).")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many (most recent).")] = 1000,
+    as_json: JsonOpt = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV output.")] = False,
+) -> None:
+    """What was done, when, by whom, why, and what happened on each gateway."""
+    records = call("GET", "/v1/history", gateway=gateway, since=since, until=until,
+                   actor=actor, action=action, limit=limit)["records"]
+    if as_json:
+        print_json(records)
+        return
+    if as_csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(CSV_FIELDS)
+        for r in records:
+            writer.writerow([r["seq"], r["time"], r["actor"], r["action"], r["outcome"],
+                             " ".join(r["targets"]), r["reason"], r["ticket"] or "",
+                             r["command_id"] or "", json.dumps(r["detail"], sort_keys=True),
+                             r["hash"]])
+        return
+    table = Table("#", "time (UTC)", "actor", "action", "outcome", "gateways", "reason",
+                  "ticket")
+    for r in records:
+        shown = r["targets"]
+        gws = ", ".join(shown[:4]) + (f" +{len(shown) - 4}" if len(shown) > 4 else "")
+        table.add_row(str(r["seq"]), r["time"][:19].replace("T", " "), r["actor"], r["action"],
+                      r["outcome"], gws, r["reason"], r["ticket"] or "")
+    out.print(table)
+
+
+@audit_app.command("verify")
+def audit_verify(as_json: JsonOpt = False) -> None:
+    """Check the hash chain; name the first record that was edited, removed or moved."""
+    report = call("GET", "/v1/audit/verify")
+    if as_json:
+        print_json(report)
+    elif report["ok"]:
+        out.print(f"audit log intact: {report['records']} records, chain verified",
+                  highlight=False)
+    else:
+        out.print(f"[bold red]audit log FAILED verification[/] at record "
+                  f"#{report.get('first_bad_seq')}: {report['problem']}", highlight=False)
+    if not report["ok"]:
+        raise typer.Exit(EXIT_FAILED)
+
+
+# -- inventory ---------------------------------------------------------------------------
+
+
+@gateway_app.command("add")
+def gateway_add(
+    name: str,
+    address: Annotated[str, typer.Option(help="HOST[:PORT] of the gateway's sshd.")],
+    key: Annotated[Path, typer.Option(help="Private key the controller uses (restricted "
+                                           "on the gateway to the agent's forced command).")],
+    user: Annotated[str, typer.Option(help="SSH login.")] = "root",
+    host_key: Annotated[str | None, typer.Option(help="Pinned host key, SHA256:...")] = None,
+    trust_on_first_use: Annotated[bool, typer.Option(
+        "--trust-on-first-use", help="No fingerprint: pin whatever key is seen first.")]
+    = False,
+    group: Annotated[list[str] | None, typer.Option(help="Group (repeatable).")] = None,
+    reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")]
+    = "gateway added to the inventory",
+    ticket: TicketOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add a gateway to the inventory, with its pinned SSH host key."""
+    if host_key is None and not trust_on_first_use:
+        fail("give --host-key SHA256:... (ssh-keygen -lf on the gateway's host key), or "
+             "--trust-on-first-use to pin the first key seen", EXIT_INPUT)
+    body = {"name": name, "address": address, "user": user,
+            "key_path": str(key.expanduser().absolute()), "host_key": host_key,
+            "trust_on_first_use": trust_on_first_use, "groups": group or [],
+            "reason": reason, "ticket": ticket}
+    view = call("POST", "/v1/gateways", body)
+    if as_json:
+        print_json(view)
+    else:
+        out.print(f"added {view['name']} ({view['address']}), host key "
+                  f"{view['host_key'] or 'to be pinned on first use'}", highlight=False)
+
+
+@gateway_app.command("list")
+def gateway_list(as_json: JsonOpt = False) -> None:
+    """The inventory."""
+    views = call("GET", "/v1/gateways")
+    if as_json:
+        print_json(views)
+        return
+    table = Table("gateway", "address", "user", "groups", "host key", "key")
+    for v in views:
+        table.add_row(v["name"], v["address"], v["user"], ", ".join(v["groups"]) or "-",
+                      v["host_key"] or "(first use)", v["key_path"])
+    out.print(table)
+
+
+@gateway_app.command("remove")
+def gateway_remove(
+    name: str,
+    reason: ReasonOpt,
+    ticket: TicketOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove a gateway from the inventory (its history stays)."""
+    result = call("DELETE", f"/v1/gateways/{name}", {"reason": reason, "ticket": ticket})
+    if as_json:
+        print_json(result)
+    else:
+        out.print(f"removed {name}", highlight=False)
+
+
+@token_app.command("create")
+def token_create(
+    user: Annotated[str, typer.Option(help="User name.")],
+    role: Annotated[str, typer.Option(help="viewer, operator or admin.")],
+    reason: ReasonOpt,
+    description: Annotated[str, typer.Option(help="What it is for.")] = "",
+) -> None:
+    """Create an API token for a user (printed once)."""
+    result = call("POST", "/v1/tokens", {"user": user, "role": role, "reason": reason,
+                                         "description": description})
+    print(result["token"])
+
+
+@app.command()
+def whoami() -> None:
+    """The user and role of DRAWBRIDGE_TOKEN."""
+    me = call("GET", "/v1/whoami")
+    out.print(f"{me['user']} ({me['role']})", highlight=False)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,136 @@
+"""Controller configuration (TOML), validated with precise errors.
+
+Every key has a default, so a controller runs without a file (SQLite under
+the state dir, API on 127.0.0.1:8630). See deploy/examples/controller.toml.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from controller.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/drawbridge/controller.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/drawbridge-controller")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SshSettings(_Model):
+    connect_timeout: float = Field(default=5.0, gt=0, le=120)
+    request_timeout: float = Field(default=60.0, gt=0, le=3600)
+    keepalive_seconds: int = Field(default=15, ge=0, le=3600)
+    backoff_initial: float = Field(default=1.0, gt=0, le=600)
+    backoff_max: float = Field(default=60.0, gt=0, le=3600)
+    # The forced command on the gateway replaces whatever is asked for; this is
+    # only what the controller asks, so a key without a forced command still
+    # runs the agent and nothing else.
+    remote_command: str = "drawbridge-agent rpc"
+    max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=65536)
+
+
+class FleetSettings(_Model):
+    parallelism: int = Field(default=64, ge=1, le=1024)
+    # A state change that could not be delivered (gateway down) is retried when the
+    # gateway comes back, unless a newer command replaced it or it is older than this.
+    pending_ttl_seconds: float = Field(default=24 * 3600, ge=0)
+
+
+class PollSettings(_Model):
+    enabled: bool = True
+    interval_seconds: float = Field(default=15.0, gt=0, le=86400)
+
+
+class ApiSettings(_Model):
+    listen: str = "127.0.0.1:8630"
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    metrics_require_token: bool = False
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        return parse_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_listen(self.listen)[1]
+
+
+class ControllerConfig(_Model):
+    state_dir: Path = DEFAULT_STATE_DIR
+    database_url: str = ""  # default: sqlite:///<state_dir>/controller.db
+    audit_key_file: Path | None = None  # default: <state_dir>/audit.key
+    api: ApiSettings = ApiSettings()
+    ssh: SshSettings = SshSettings()
+    fleet: FleetSettings = FleetSettings()
+    poll: PollSettings = PollSettings()
+    log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'controller.db'}"
+
+    @property
+    def audit_key_path(self) -> Path:
+        return self.audit_key_file or self.state_dir / "audit.key"
+
+    @property
+    def audit_head_path(self) -> Path:
+        return self.state_dir / "audit.head"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """'127.0.0.1:8630' or '[::1]:8630' as (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. '127.0.0.1:8630' or '[::1]:8630')")
+    bare = host.strip("[]")
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        raise ValueError(f"{host!r} in {value!r} is not an IP address") from None
+    return bare, int(port)
+
+
+def _format(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid controller configuration"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> ControllerConfig:
+    try:
+        return ControllerConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, source)) from None
+
+
+def load_config(path: Path | None) -> ControllerConfig:
+    """`path` None: the default file if it exists, else built-in defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return ControllerConfig()
+        path = DEFAULT_CONFIG_PATH
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,280 @@
+"""Storage: SQLAlchemy 2 Core, SQLite in the state dir by default, PostgreSQL by URL.
+
+Migrations are a small versioned list in this module, not an alembic script
+directory: each step has a number, runs in one transaction together with the
+row that records it in `schema_version`, and uses alembic's `Operations` for
+portable DDL (SQLite has no real ALTER TABLE; alembic's batch mode covers it).
+A packaged controller thus needs no alembic.ini or env.py on disk, `serve`
+migrates on start, and a database newer than the code is refused.
+
+Migration steps are frozen snapshots of the schema at their version; `Schema`
+below is the current shape that queries use. A unit test checks that a
+freshly migrated database has exactly the columns `Schema` declares.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from controller.errors import ConfigError, StorageError
+
+if TYPE_CHECKING:
+    from alembic.operations import Operations
+
+BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class Schema:
+    """The current tables (built per instance: no module-level registry)."""
+
+    def __init__(self) -> None:
+        self.metadata = sa.MetaData()
+        m = self.metadata
+        self.schema_version = sa.Table(
+            "schema_version", m,
+            sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+            sa.Column("description", sa.Text, nullable=False),
+            sa.Column("applied_at", sa.Float, nullable=False),
+        )
+        self.gateways = sa.Table(
+            "gateways", m,
+            sa.Column("name", sa.String(63), primary_key=True),
+            sa.Column("host", sa.String(255), nullable=False),
+            sa.Column("port", sa.Integer, nullable=False),
+            sa.Column("user", sa.String(64), nullable=False),
+            sa.Column("key_path", sa.Text, nullable=False),
+            sa.Column("host_key", sa.String(80)),
+            sa.Column("trust_on_first_use", sa.Boolean, nullable=False),
+            sa.Column("groups", sa.Text, nullable=False),
+            sa.Column("created_at", sa.Float, nullable=False),
+            sa.Column("created_by", sa.String(64), nullable=False),
+        )
+        self.api_tokens = sa.Table(
+            "api_tokens", m,
+            sa.Column("id", sa.String(32), primary_key=True),
+            sa.Column("user", sa.String(64), nullable=False),
+            sa.Column("role", sa.String(16), nullable=False),
+            sa.Column("secret_hash", sa.String(64), nullable=False),
+            sa.Column("description", sa.Text, nullable=False),
+            sa.Column("created_at", sa.Float, nullable=False),
+            sa.Column("created_by", sa.String(64), nullable=False),
+            sa.Column("revoked_at", sa.Float),
+            sa.Column("last_used_at", sa.Float),
+        )
+        self.audit_log = sa.Table(
+            "audit_log", m,
+            sa.Column("seq", BigInt, primary_key=True, autoincrement=False),
+            sa.Column("ts_us", BigInt, nullable=False, index=True),
+            sa.Column("actor", sa.String(128), nullable=False, index=True),
+            sa.Column("action", sa.String(64), nullable=False, index=True),
+            sa.Column("outcome", sa.String(32), nullable=False),
+            sa.Column("targets", sa.Text, nullable=False),
+            sa.Column("reason", sa.Text, nullable=False),
+            sa.Column("ticket", sa.String(64)),
+            sa.Column("command_id", sa.String(64), index=True),
+            sa.Column("detail", sa.Text, nullable=False),
+            sa.Column("prev_hash", sa.String(64), nullable=False),
+            sa.Column("hash", sa.String(64), nullable=False),
+        )
+        self.gateway_state = sa.Table(
+            "gateway_state", m,
+            sa.Column("name", sa.String(63), primary_key=True),
+            sa.Column("reachable", sa.Boolean),
+            sa.Column("last_contact_at", sa.Float),
+            sa.Column("last_error_code", sa.String(64)),
+            sa.Column("last_error", sa.Text),
+            sa.Column("state", sa.String(16)),
+            sa.Column("profile", sa.String(63)),
+            sa.Column("verification", sa.String(16)),
+            sa.Column("in_sync", sa.Boolean),
+            sa.Column("generation", sa.Integer),
+            sa.Column("since", sa.Float),
+            sa.Column("gw_actor", sa.String(128)),
+            sa.Column("gw_reason", sa.Text),
+            sa.Column("drift_repairs", sa.Integer),
+            sa.Column("problems", sa.Text),
+            sa.Column("exceptions", sa.Text),
+            sa.Column("observed_at", sa.Float),
+            sa.Column("pending", sa.Text),
+            sa.Column("last_command_id", sa.String(64)),
+            sa.Column("host_key_seen", sa.String(80)),
+        )
+
+
+# -- migrations ------------------------------------------------------------------------
+
+
+def _m1_initial(op: Operations) -> None:
+    op.create_table(
+        "gateways",
+        sa.Column("name", sa.String(63), primary_key=True),
+        sa.Column("host", sa.String(255), nullable=False),
+        sa.Column("port", sa.Integer, nullable=False),
+        sa.Column("user", sa.String(64), nullable=False),
+        sa.Column("key_path", sa.Text, nullable=False),
+        sa.Column("host_key", sa.String(80)),
+        sa.Column("trust_on_first_use", sa.Boolean, nullable=False),
+        sa.Column("groups", sa.Text, nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("created_by", sa.String(64), nullable=False),
+    )
+    op.create_table(
+        "api_tokens",
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("user", sa.String(64), nullable=False),
+        sa.Column("role", sa.String(16), nullable=False),
+        sa.Column("secret_hash", sa.String(64), nullable=False),
+        sa.Column("description", sa.Text, nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("created_by", sa.String(64), nullable=False),
+        sa.Column("revoked_at", sa.Float),
+        sa.Column("last_used_at", sa.Float),
+    )
+    op.create_table(
+        "audit_log",
+        sa.Column("seq", BigInt, primary_key=True, autoincrement=False),
+        sa.Column("ts_us", BigInt, nullable=False),
+        sa.Column("actor", sa.String(128), nullable=False),
+        sa.Column("action", sa.String(64), nullable=False),
+        sa.Column("outcome", sa.String(32), nullable=False),
+        sa.Column("targets", sa.Text, nullable=False),
+        sa.Column("reason", sa.Text, nullable=False),
+        sa.Column("ticket", sa.String(64)),
+        sa.Column("command_id", sa.String(64)),
+        sa.Column("detail", sa.Text, nullable=False),
+        sa.Column("prev_hash", sa.String(64), nullable=False),
+        sa.Column("hash", sa.String(64), nullable=False),
+    )
+    for column in ("ts_us", "actor", "action", "command_id"):
+        op.create_index(f"ix_audit_log_{column}", "audit_log", [column])
+    op.create_table(
+        "gateway_state",
+        sa.Column("name", sa.String(63), primary_key=True),
+        sa.Column("reachable", sa.Boolean),
+        sa.Column("last_contact_at", sa.Float),
+        sa.Column("last_error_code", sa.String(64)),
+        sa.Column("last_error", sa.Text),
+        sa.Column("state", sa.String(16)),
+        sa.Column("profile", sa.String(63)),
+        sa.Column("verification", sa.String(16)),
+        sa.Column("in_sync", sa.Boolean),
+        sa.Column("generation", sa.Integer),
+        sa.Column("since", sa.Float),
+        sa.Column("gw_actor", sa.String(128)),
+        sa.Column("gw_reason", sa.Text),
+        sa.Column("drift_repairs", sa.Integer),
+        sa.Column("problems", sa.Text),
+        sa.Column("exceptions", sa.Text),
+        sa.Column("observed_at", sa.Float),
+        sa.Column("pending", sa.Text),
+        sa.Column("last_command_id", sa.String(64)),
+        sa.Column("host_key_seen", sa.String(80)),
+    )
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    apply: Callable[[Operations], None]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema: gateways, api_tokens, audit_log, gateway_state", _m1_initial),
+)
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
+# -- database ----------------------------------------------------------------------------
+
+
+def _sqlite_pragmas(dbapi_conn: Any, record: Any) -> None:
+    del record
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.schema = Schema()
+        self.engine: Engine = self._create_engine(url)
+
+    @staticmethod
+    def _create_engine(url: str) -> Engine:
+        try:
+            parsed = sa.make_url(url)
+        except sa.exc.ArgumentError as exc:
+            raise ConfigError(f"database_url {url!r} is not a database URL: {exc}") from None
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                path = Path(parsed.database)
+                try:
+                    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise ConfigError(f"cannot create {path.parent}: {exc.strerror}") from None
+            engine = sa.create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": 30},
+            )
+            sa.event.listen(engine, "connect", _sqlite_pragmas)
+            return engine
+        try:
+            return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        except (ImportError, SQLAlchemyError) as exc:
+            raise ConfigError(f"cannot use database {parsed.render_as_string()}: {exc}") from None
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """One transaction; database errors become StorageError with a readable message."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise StorageError(f"database error: {exc.__class__.__name__}: "
+                               f"{str(exc.orig if hasattr(exc, 'orig') else exc)[:300]}") from exc
+
+    def schema_version(self) -> int:
+        with self.begin() as conn:
+            if not sa.inspect(conn).has_table("schema_version"):
+                return 0
+            value = conn.execute(sa.select(sa.func.max(self.schema.schema_version.c.version)))
+            return int(value.scalar() or 0)
+
+    def migrate(self) -> list[int]:
+        """Apply every migration newer than the database; returns the versions applied."""
+        from alembic.operations import Operations  # only needed here: keeps CLI start fast
+        from alembic.runtime.migration import MigrationContext
+
+        applied: list[int] = []
+        with self.begin() as conn:
+            self.schema.schema_version.create(conn, checkfirst=True)
+            current = int(conn.execute(
+                sa.select(sa.func.max(self.schema.schema_version.c.version))).scalar() or 0)
+        if current > LATEST_VERSION:
+            raise ConfigError(
+                f"the database schema is version {current}, newer than this controller "
+                f"understands ({LATEST_VERSION}); upgrade the controller")
+        for step in MIGRATIONS:
+            if step.version <= current:
+                continue
+            with self.begin() as conn:
+                step.apply(Operations(MigrationContext.configure(conn)))
+                conn.execute(self.schema.schema_version.insert().values(
+                    version=step.version, description=step.description, applied_at=time.time()))
+            applied.append(step.version)
+        return applied
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,596 @@
+"""The controller's core: inventory, commands, fan-out, state, audit, in one place.
+
+The HTTP API is a thin layer over this class; tests drive it directly with a
+fake transport. Every decision is audited before it is carried out (the
+`requested` record) and again with its per-gateway results, so an incident
+lead can see both what was asked and what happened, even if the controller
+died in between.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from controller.audit import AuditEvent, AuditKey, AuditLog, AuditRecord, HistoryQuery, VerifyReport
+from controller.auth import Principal, Role, TokenStore
+from controller.config import ControllerConfig
+from controller.db import Database
+from controller.errors import (
+    ConfigError,
+    ControllerError,
+    Forbidden,
+    HostKeyMismatch,
+    InputError,
+    TransportError,
+)
+from controller.fleet import Fleet, GatewayResult
+from controller.inventory import Gateway, Inventory, parse_address
+from controller.metrics import ControllerMetrics, FleetCollector
+from controller.observe import StateEvent, events_for_error, events_for_status
+from controller.plans import Plan
+from controller.schemas import (
+    CommandResult,
+    GatewayView,
+    PendingView,
+    PlanResult,
+    StageResult,
+    Targets,
+)
+from controller.states import GatewayState, Pending, StateStore
+from controller.transport.link import GatewayLink, LinkRegistry, SessionFactory
+from controller.transport.protocol import AgentChange, AgentStatus
+from controller.transport.ssh import AgentSession, load_private_key
+
+log = logging.getLogger("drawbridge.controller")
+
+Emit = Callable[[dict[str, Any]], None]
+STATE_OPS = ("isolate", "restore")
+SYSTEM_ACTOR = "controller"
+
+
+def _noop(event: dict[str, Any]) -> None:
+    del event
+
+
+def _short_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def audit_result(res: GatewayResult) -> dict[str, Any]:
+    """What the audit record keeps of one gateway's result (incl. probe evidence)."""
+    keep = res.model_dump(exclude={"result"}, exclude_none=True)
+    if res.result:
+        if "verification" in res.result:
+            keep["evidence"] = res.result["verification"]
+        if "probes" in res.result:
+            keep["probes"] = res.result["probes"]
+    return keep
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig, *,
+                 session_factory: SessionFactory = AgentSession,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.db = Database(config.db_url)
+        self.inventory = Inventory(self.db)
+        self.tokens = TokenStore(self.db)
+        self.states = StateStore(self.db)
+        self.links = LinkRegistry(config.ssh, session_factory=session_factory)
+        self.fleet = Fleet(self.links, parallelism=config.fleet.parallelism)
+        self.metrics = ControllerMetrics()
+        self._audit: AuditLog | None = None
+        self._mismatch_reported: dict[str, str] = {}
+        self._report_lock = threading.Lock()
+        self._poll_lock = threading.Lock()
+        self._inflight: set[str] = set()  # commands accepted and not finished yet
+        self._inflight_lock = threading.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def open(self) -> Controller:
+        """Migrate the database, load (or create) the audit key. Idempotent."""
+        if self._audit is not None:
+            return self
+        try:
+            self.config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create state dir {self.config.state_dir}: "
+                              f"{exc.strerror}") from None
+        self.db.migrate()
+        key = AuditKey.load_or_create(self.config.audit_key_path)
+        self._audit = AuditLog(self.db, key, head_path=self.config.audit_head_path)
+        self.metrics.attach(FleetCollector(self._snapshot, self._audit.last_seq))
+        return self
+
+    def close(self) -> None:
+        self.fleet.shutdown()
+        self.links.close_all()
+        self.db.dispose()
+
+    @property
+    def audit(self) -> AuditLog:
+        if self._audit is None:
+            raise ConfigError("the controller is not open (call open() first)")
+        return self._audit
+
+    def _snapshot(self) -> tuple[list[str], dict[str, GatewayState]]:
+        return [g.name for g in self.inventory.all()], self.states.all()
+
+    def record(self, event: AuditEvent) -> AuditRecord:
+        return self.audit.append(event)
+
+    # -- authentication and refusals -----------------------------------------------------
+
+    def authenticate(self, token: str | None, *, path: str = "") -> Principal:
+        try:
+            return self.tokens.authenticate(token)
+        except ControllerError as exc:
+            self.refused(None, path, exc)
+            raise
+
+    def refused(self, principal: Principal | None, what: str, exc: ControllerError,
+                *, detail: dict[str, Any] | None = None) -> None:
+        """Every refusal leaves a record: who (if known), what was asked, why not."""
+        self.metrics.refusals.labels(reason=exc.code).inc()
+        self.record(AuditEvent(
+            actor=principal.user if principal else "anonymous",
+            action="auth.refused" if exc.code in ("unauthorized", "forbidden")
+            else "request.refused",
+            outcome="refused", reason=exc.message,
+            detail={"request": what, "code": exc.code, **(detail or {})},
+        ))
+
+    def require(self, principal: Principal, role: Role, what: str, *,
+                request: str | None = None) -> None:
+        if not principal.can(role):
+            exc = Forbidden(f"{principal.user} has role {principal.role.name}; {what} needs "
+                            f"{role.name}")
+            self.refused(principal, request or what, exc,
+                         detail={"needed": role.name, "role": principal.role.name})
+            raise exc
+
+    # -- inventory -----------------------------------------------------------------------
+
+    def add_gateway(self, principal: Principal, *, name: str, address: str, user: str,
+                    key_path: str, host_key: str | None, trust_on_first_use: bool,
+                    groups: Sequence[str], reason: str, ticket: str | None) -> Gateway:
+        try:
+            host, port = parse_address(address)
+            try:
+                load_private_key(key_path)
+            except ConfigError as exc:
+                raise InputError(exc.message) from None
+            gw = Gateway(name=name, host=host, port=port, user=user, key_path=key_path,
+                         host_key=host_key, trust_on_first_use=trust_on_first_use,
+                         groups=tuple(groups), created_by=principal.user)
+            gw = self.inventory.add(gw)
+        except ValidationError as exc:
+            err = InputError(f"invalid gateway: {exc.errors()[0]['msg']}")
+            self.refused(principal, "gateway.add", err, detail={"gateway": name})
+            raise err from None
+        except ControllerError as exc:
+            self.refused(principal, "gateway.add", exc, detail={"gateway": name})
+            raise
+        self.states.delete(name)  # a re-added name starts with a clean slate
+        self.record(AuditEvent(
+            actor=principal.user, action="gateway.add", outcome="ok", reason=reason,
+            ticket=ticket, targets=(name,),
+            detail={"address": gw.address, "user": gw.user, "key_path": gw.key_path,
+                    "host_key": gw.host_key, "trust_on_first_use": gw.trust_on_first_use,
+                    "groups": list(gw.groups)}))
+        return gw
+
+    def remove_gateway(self, principal: Principal, name: str, *, reason: str,
+                       ticket: str | None) -> Gateway:
+        try:
+            gw = self.inventory.remove(name)
+        except ControllerError as exc:
+            self.refused(principal, "gateway.remove", exc, detail={"gateway": name})
+            raise
+        last = self.states.get(name)
+        self.states.delete(name)
+        self.links.remove(name)
+        self.record(AuditEvent(
+            actor=principal.user, action="gateway.remove", outcome="ok", reason=reason,
+            ticket=ticket, targets=(name,),
+            detail={"address": gw.address, "last_state": last.state,
+                    "last_profile": last.profile,
+                    "dropped_pending": last.pending.command_id if last.pending else None}))
+        return gw
+
+    def views(self) -> list[GatewayView]:
+        states = self.states.all()
+        out = []
+        for gw in self.inventory.all():
+            st = states.get(gw.name) or GatewayState(name=gw.name)
+            p = st.pending
+            out.append(GatewayView(
+                name=gw.name, address=gw.address, user=gw.user, key_path=gw.key_path,
+                host_key=gw.host_key, trust_on_first_use=gw.trust_on_first_use,
+                groups=list(gw.groups), reachable=st.reachable, state=st.state,
+                profile=st.profile, verification=st.verification, in_sync=st.in_sync,
+                generation=st.generation, since=st.since, actor=st.gw_actor,
+                reason=st.gw_reason, drift_repairs=st.drift_repairs, problems=st.problems,
+                exceptions=st.exceptions, last_contact_at=st.last_contact_at,
+                observed_at=st.observed_at, last_error_code=st.last_error_code,
+                last_error=st.last_error,
+                pending=PendingView(command_id=p.command_id, action=p.action, op=p.op,
+                                    profile=p.args.get("profile"), actor=p.actor,
+                                    reason=p.reason, accepted_at=p.accepted_at,
+                                    attempts=p.attempts) if p else None,
+            ))
+        return out
+
+    def select(self, principal: Principal | None, targets: Targets, what: str) -> list[Gateway]:
+        try:
+            return self.inventory.select(names=targets.gateways, groups=targets.groups,
+                                         all_gateways=targets.all)
+        except ControllerError as exc:
+            self.refused(principal, what, exc, detail={"targets": targets.model_dump()})
+            raise
+
+    # -- commands ------------------------------------------------------------------------
+
+    def isolate(self, principal: Principal, targets: Targets, *, profile: str, reason: str,
+                ticket: str | None, emit: Emit = _noop) -> CommandResult:
+        gateways = self.select(principal, targets, "isolate")
+        return self.run_command(
+            gateways, action="isolate", op="isolate", actor=principal.user, reason=reason,
+            ticket=ticket, args={"profile": profile}, emit=emit)
+
+    def restore(self, principal: Principal, targets: Targets, *, reason: str,
+                ticket: str | None, emit: Emit = _noop) -> CommandResult:
+        gateways = self.select(principal, targets, "restore")
+        return self.run_command(gateways, action="restore", op="restore", actor=principal.user,
+                                reason=reason, ticket=ticket, args={}, emit=emit)
+
+    def allow(self, principal: Principal, targets: Targets, *, flow: dict[str, Any],
+              reason: str, ticket: str | None, emit: Emit = _noop) -> CommandResult:
+        gateways = self.select(principal, targets, "allow")
+        return self.run_command(gateways, action="allow", op="allow", actor=principal.user,
+                                reason=reason, ticket=ticket, args=flow, emit=emit)
+
+    def probe(self, principal: Principal, targets: Targets, *, reason: str,
+              emit: Emit = _noop) -> CommandResult:
+        gateways = self.select(principal, targets, "probe")
+        return self.run_command(gateways, action="probe", op="probe", actor=principal.user,
+                                reason=reason or "probe", ticket=None, args={}, emit=emit)
+
+    def run_command(self, gateways: Sequence[Gateway], *, action: str, op: str, actor: str,
+                    reason: str, ticket: str | None, args: dict[str, Any],
+                    emit: Emit = _noop, command_id: str | None = None,
+                    detail: dict[str, Any] | None = None,
+                    retry_of: Pending | None = None) -> CommandResult:
+        """Audit the intent, fan out, keep each gateway's state, audit the results."""
+        command_id = command_id or _short_id()
+        names = [g.name for g in gateways]
+        started, t0 = self.clock(), time.perf_counter()
+        extra = dict(detail or {})
+        if retry_of is not None:
+            extra.update(retry_of=retry_of.command_id, attempt=retry_of.attempts + 1)
+        self.record(AuditEvent(
+            actor=actor, action=action, outcome="requested", reason=reason, ticket=ticket,
+            targets=tuple(names), command_id=command_id,
+            detail={"op": op, "args": args, **extra}))
+        with self._inflight_lock:
+            self._inflight.add(command_id)
+        try:
+            return self._fan_out(gateways, action=action, op=op, actor=actor, reason=reason,
+                                 ticket=ticket, args=args, emit=emit, command_id=command_id,
+                                 extra=extra, retry_of=retry_of, started=started, t0=t0)
+        finally:
+            with self._inflight_lock:
+                self._inflight.discard(command_id)
+
+    def _fan_out(self, gateways: Sequence[Gateway], *, action: str, op: str, actor: str,
+                 reason: str, ticket: str | None, args: dict[str, Any], emit: Emit,
+                 command_id: str, extra: dict[str, Any], retry_of: Pending | None,
+                 started: float, t0: float) -> CommandResult:
+        profile = args.get("profile") if op == "isolate" else None
+
+        def accept(candidates: Sequence[Gateway]) -> Sequence[Gateway]:
+            """Under the fleet's accept lock: the recorded intent follows accept order."""
+            chosen = list(candidates)
+            if retry_of is not None:  # only where nothing newer was accepted meanwhile
+                current = {g.name: self.states.get(g.name).pending for g in chosen}
+                chosen = [g for g in chosen if (p := current[g.name]) is not None
+                          and p.command_id == retry_of.command_id]
+            if op in STATE_OPS:
+                pending = Pending(
+                    command_id=command_id, action=action, op=op, args=args, actor=actor,
+                    reason=reason, ticket=ticket,
+                    accepted_at=retry_of.accepted_at if retry_of else started,
+                    attempts=retry_of.attempts + 1 if retry_of else 1)
+                self.states.update_many([g.name for g in chosen], pending=pending,
+                                        last_command_id=command_id)
+            emit({"event": "accepted", "command_id": command_id, "action": action,
+                  "targets": [g.name for g in chosen], "total": len(chosen)})
+            return chosen
+
+        rpc_args = {**args, "reason": reason, "actor": actor}
+        if op in ("isolate", "restore", "allow") and ticket:
+            rpc_args["ticket"] = ticket
+        if op == "probe":
+            rpc_args = {}
+
+        def after(gw: Gateway, link: GatewayLink, res: GatewayResult) -> GatewayResult:
+            return self._after(gw, link, res, command_id=command_id, op=op, actor=actor,
+                               reason=reason)
+
+        results = self.fleet.run(
+            gateways, op, lambda gw: rpc_args, after=after, accept=accept,
+            on_result=lambda r: emit({"event": "result", "result": r.model_dump(mode="json")}))
+        names = [r.gateway for r in results]
+        counts = Counter(r.outcome for r in results)
+        ok = all(r.ok for r in results)
+        overall = "ok" if ok else ("failed" if not any(r.ok for r in results) else "partial")
+        if not results and gateways:
+            overall = "superseded"  # a retry that newer commands made moot
+        duration = time.perf_counter() - t0
+        log.info("%s %s by %s on %d gateway(s) in %.2fs: %s", action, command_id, actor,
+                 len(results), duration, dict(counts) or overall)
+        self.metrics.commands.labels(verb=action, result=overall).inc()
+        self.metrics.latency.labels(verb=action).observe(duration)
+        for r in results:
+            self.metrics.gateway_results.labels(verb=action, outcome=r.outcome).inc()
+        self.record(AuditEvent(
+            actor=actor, action=action, outcome=overall, reason=reason, ticket=ticket,
+            targets=tuple(names), command_id=command_id,
+            detail={"op": op, "args": args, "counts": dict(counts),
+                    "duration_seconds": round(duration, 4),
+                    "results": [audit_result(r) for r in results], **extra}))
+        return CommandResult(
+            command_id=command_id, action=action, op=op, actor=actor, reason=reason,
+            ticket=ticket, profile=profile, stage=extra.get("stage"), targets=names,
+            results=results, ok=ok, counts=dict(counts), started_at=started,
+            duration_seconds=duration)
+
+    def _after(self, gw: Gateway, link: GatewayLink, res: GatewayResult, *, command_id: str,
+               op: str, actor: str, reason: str) -> GatewayResult:
+        """Runs on the fan-out thread, still holding the gateway's turn."""
+        now = self.clock()
+        self._host_key_bookkeeping(gw, link, res.error_code)
+        changes: dict[str, Any] = {}
+        if link.host_key_seen:
+            changes["host_key_seen"] = link.host_key_seen
+        if res.outcome not in ("unreachable", "refused"):
+            changes.update(reachable=True, last_contact_at=now, last_error_code=None,
+                           last_error=None)
+        else:
+            changes.update(reachable=False, last_error_code=res.error_code,
+                           last_error=res.message)
+        if res.result and op in ("isolate", "restore", "allow"):
+            change = AgentChange.model_validate(res.result)
+            changes.update(state=change.state, profile=change.profile,
+                           verification=change.verification.status, in_sync=change.in_sync,
+                           generation=change.generation, problems=change.problems,
+                           observed_at=now)
+            if op != "allow":
+                changes.update(since=now, gw_actor=actor, gw_reason=reason)
+        will_retry = res.outcome == "unreachable" and op in STATE_OPS
+
+        def settle(current: GatewayState) -> dict[str, Any]:
+            ours = current.pending is not None and current.pending.command_id == command_id
+            if ours and not will_retry:
+                return {**changes, "pending": None}  # delivered (or refused for good)
+            return changes
+
+        after = self.states.modify(gw.name, settle)
+        will_retry = will_retry and after.pending is not None \
+            and after.pending.command_id == command_id
+        if will_retry:
+            return res.model_copy(update={
+                "will_retry": True,
+                "message": res.message + " - will retry when the gateway answers"})
+        return res
+
+    def _host_key_bookkeeping(self, gw: Gateway, link: GatewayLink, code: str | None) -> None:
+        """Audit a refused host key once per key seen; pin a key trusted on first use."""
+        if code in ("host_key_mismatch", "host_key_unknown"):
+            err = link.last_error
+            presented = err.presented if isinstance(err, HostKeyMismatch) else "?"
+            with self._report_lock:
+                if self._mismatch_reported.get(gw.name) == presented:
+                    return
+                self._mismatch_reported[gw.name] = presented
+            self.record(AuditEvent(
+                actor=SYSTEM_ACTOR, action="hostkey.refused", outcome="refused",
+                reason=err.message if err else "host key refused", targets=(gw.name,),
+                detail={"expected": gw.host_key, "presented": presented,
+                        "address": gw.address, "code": code}))
+            return
+        if code is None and link.connected:
+            with self._report_lock:
+                self._mismatch_reported.pop(gw.name, None)
+            seen = link.host_key_seen
+            if gw.host_key is None and gw.trust_on_first_use and seen:
+                self.inventory.pin_host_key(gw.name, seen)
+                link.update(self.inventory.get(gw.name))
+                self.record(AuditEvent(
+                    actor=SYSTEM_ACTOR, action="hostkey.pinned", outcome="ok",
+                    reason="trust on first use, as asked at 'gateway add'", targets=(gw.name,),
+                    detail={"host_key": seen, "address": gw.address}))
+
+    # -- restore plans -------------------------------------------------------------------
+
+    def restore_plan(self, principal: Principal, targets: Targets, plan: Plan, *,
+                     reason: str, ticket: str | None, start: str | None = None,
+                     through: str | None = None, emit: Emit = _noop,
+                     sleep: Callable[[float], None] = time.sleep) -> PlanResult:
+        gateways = self.select(principal, targets, "restore")
+        try:
+            stages = plan.window(start, through)
+        except ControllerError as exc:
+            self.refused(principal, "restore", exc)
+            raise
+        plan_id, t0 = _short_id(), time.perf_counter()
+        names = [g.name for g in gateways]
+        self.record(AuditEvent(
+            actor=principal.user, action="restore.plan", outcome="requested", reason=reason,
+            ticket=ticket, targets=tuple(names), command_id=plan_id,
+            detail={"plan": plan.model_dump(mode="json"),
+                    "stages": [s.name for s in stages]}))
+        results: list[StageResult] = []
+        stopped: str | None = None
+        last_ids: dict[str, str] = {}
+        for stage in stages:
+            members = [g for g in gateways if stage.selects(g.name, g.groups)]
+            shown = [g.name for g in members]
+            if stopped is not None:
+                results.append(StageResult(name=stage.name, action=stage.action,
+                                           profile=stage.profile, gateways=shown,
+                                           skipped="not run: " + stopped))
+                continue
+            if not members:
+                results.append(StageResult(name=stage.name, action=stage.action,
+                                           profile=stage.profile, gateways=[],
+                                           skipped="no gateway of this command is in it"))
+                continue
+            emit({"event": "stage", "name": stage.name, "action": stage.action,
+                  "profile": stage.profile, "gateways": shown})
+            if stage.pause_seconds:
+                sleep(stage.pause_seconds)
+            superseded = self._superseded(members, last_ids)
+            if superseded:
+                stopped = superseded
+                results.append(StageResult(name=stage.name, action=stage.action,
+                                           profile=stage.profile, gateways=shown,
+                                           skipped="not run: " + stopped))
+                continue
+            cmd = self.run_command(
+                members, action="restore", op=stage.action, actor=principal.user,
+                reason=reason, ticket=ticket,
+                args={"profile": stage.profile} if stage.profile else {}, emit=emit,
+                detail={"plan": plan.name, "plan_id": plan_id, "stage": stage.name})
+            for g in members:
+                last_ids[g.name] = cmd.command_id
+            results.append(StageResult(name=stage.name, action=stage.action,
+                                       profile=stage.profile, gateways=shown, command=cmd))
+            if not cmd.ok:
+                bad = [r.gateway for r in cmd.results if not r.ok]
+                stopped = f"stage {stage.name!r} did not apply and verify on {', '.join(bad)}"
+        ok = stopped is None
+        duration = time.perf_counter() - t0
+        self.record(AuditEvent(
+            actor=principal.user, action="restore.plan", outcome="ok" if ok else "stopped",
+            reason=reason, ticket=ticket, targets=tuple(names), command_id=plan_id,
+            detail={"plan": plan.name, "stopped": stopped, "duration_seconds": round(duration, 3),
+                    "stages": [{"name": s.name, "command_id": s.command.command_id
+                                if s.command else None, "skipped": s.skipped,
+                                "ok": s.command.ok if s.command else None} for s in results]}))
+        return PlanResult(plan_id=plan_id, plan=plan.name, actor=principal.user, reason=reason,
+                          ticket=ticket, targets=names, stages=results, ok=ok, stopped=stopped,
+                          duration_seconds=duration)
+
+    def _superseded(self, members: Sequence[Gateway], last_ids: dict[str, str]) -> str | None:
+        """A plan stops if anyone else commanded one of its gateways since its last stage."""
+        for g in members:
+            mine = last_ids.get(g.name)
+            if mine is None:
+                continue
+            current = self.states.get(g.name).last_command_id
+            if current != mine:
+                return f"{g.name} received another command ({current}) while the plan ran"
+        return None
+
+    # -- polling and retries -------------------------------------------------------------
+
+    def poll_once(self) -> dict[str, bool]:
+        """Read every gateway's status; record what changed; retry pending changes."""
+        with self._poll_lock:
+            gateways = self.inventory.all()
+            seen = self.fleet.map_idle(gateways, self._poll_one)
+            reach = {g.name: bool(r) for g, r in zip(gateways, seen, strict=True) if r is not None}
+            self._retry_pending(gateways, reach)
+            return reach
+
+    def _poll_one(self, gw: Gateway, link: GatewayLink) -> bool:
+        now = self.clock()
+        prev = self.states.get(gw.name)
+        try:
+            raw = link.call("status", {}, respect_backoff=True,
+                            timeout=self.config.ssh.request_timeout)
+            status = AgentStatus.model_validate(raw)
+        except (TransportError, ValidationError, ControllerError) as exc:
+            error = exc if isinstance(exc, TransportError) else TransportError(
+                f"{gw.name}: {exc}", code=getattr(exc, "code", "protocol_error"))
+            self.metrics.polls.labels(result="unreachable").inc()
+            self._host_key_bookkeeping(gw, link, error.code)
+            self._record_events(gw, events_for_error(prev, error))
+            self.states.update(gw.name, reachable=False, last_error_code=error.code,
+                               last_error=error.message,
+                               host_key_seen=link.host_key_seen or prev.host_key_seen)
+            return False
+        self.metrics.polls.labels(result="ok").inc()
+        self._host_key_bookkeeping(gw, link, None)
+        self._record_events(gw, events_for_status(prev, status))
+        self.states.update(
+            gw.name, reachable=True, last_contact_at=now, last_error_code=None, last_error=None,
+            state=status.state, profile=status.profile,
+            verification=status.verification.status, in_sync=status.in_sync,
+            generation=status.generation, since=status.since, gw_actor=status.actor,
+            gw_reason=status.reason, drift_repairs=status.drift_repairs,
+            problems=status.problems, exceptions=status.exceptions, observed_at=now,
+            host_key_seen=link.host_key_seen)
+        return True
+
+    def _record_events(self, gw: Gateway, events: list[StateEvent]) -> None:
+        for ev in events:
+            self.record(AuditEvent(actor=SYSTEM_ACTOR, action=f"state.{ev.kind}",
+                                   outcome="observed", reason=ev.message, targets=(gw.name,),
+                                   detail=ev.detail))
+
+    def _retry_pending(self, gateways: Sequence[Gateway], reach: dict[str, bool]) -> None:
+        now = self.clock()
+        batches: dict[str, tuple[Pending, list[Gateway]]] = {}
+        for gw in gateways:
+            st = self.states.get(gw.name)
+            p = st.pending
+            if p is None or not reach.get(gw.name):
+                continue
+            with self._inflight_lock:
+                if p.command_id in self._inflight:
+                    continue  # being delivered right now
+            if now - p.accepted_at > self.config.fleet.pending_ttl_seconds:
+                self.states.update(gw.name, pending=None)
+                self._record_events(gw, [StateEvent(
+                    "pending_expired", f"{gw.name}: gave up {p.action} accepted "
+                    f"{now - p.accepted_at:.0f}s ago (command {p.command_id}); it was never "
+                    "delivered", {"command_id": p.command_id})])
+                continue
+            if p.delivered(st):
+                self.states.update(gw.name, pending=None)
+                continue
+            batches.setdefault(p.command_id, (p, []))[1].append(gw)
+        for p, members in batches.values():
+            log.info("retrying %s on %s", p.action, ", ".join(g.name for g in members))
+            self.run_command(members, action=p.action, op=p.op, actor=p.actor,
+                             reason=p.reason, ticket=p.ticket, args=p.args, retry_of=p)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def history(self, query: HistoryQuery) -> list[AuditRecord]:
+        return self.audit.query(query)
+
+    def verify_audit(self) -> VerifyReport:
+        return self.audit.verify()
+
+    def create_token(self, *, user: str, role: Role, created_by: str, reason: str,
+                     ticket: str | None = None, description: str = "") -> str:
+        token = self.tokens.create(user=user, role=role, created_by=created_by,
+                                   description=description)
+        self.record(AuditEvent(
+            actor=created_by, action="token.create", outcome="ok", reason=reason, ticket=ticket,
+            detail={"user": user, "role": role.name, "token_id": token.split("_")[1],
+                    "description": description}))
+        return token

@@ -1,0 +1,193 @@
+"""A gateway's link: its persistent session, reconnect with backoff, its turn lock."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from controller.config import SshSettings
+from controller.errors import ControllerError, TransportError
+from controller.inventory import Gateway
+from controller.transport.ssh import AgentSession, SshTarget
+from controller.turns import TurnLock
+
+# Requests whose repetition cannot change the outcome: safe to resend once on a fresh
+# connection when a kept-open session turns out to be dead. `allow` is not among them
+# (it would add a second exception).
+IDEMPOTENT_OPS = frozenset({"ping", "status", "isolate", "restore", "render", "probe",
+                            "journal"})
+
+
+class Session(Protocol):
+    host_key_seen: str | None
+
+    @property
+    def alive(self) -> bool: ...
+
+    def connect(self) -> None: ...
+
+    def request(self, op: str, args: dict[str, Any], *, timeout: float | None = None) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+SessionFactory = Callable[[SshTarget, SshSettings], Session]
+
+
+class Backoff:
+    """Exponential backoff with jitter: initial, 2x, 4x ... up to maximum."""
+
+    def __init__(self, initial: float, maximum: float,
+                 jitter: Callable[[], float] = random.random) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.jitter = jitter
+        self.failures = 0
+        self.next_at = 0.0
+
+    def failed(self, now: float) -> float:
+        base = min(self.maximum, self.initial * float(2 ** min(self.failures, 30)))
+        delay = base * (0.75 + 0.25 * self.jitter())
+        self.failures += 1
+        self.next_at = now + delay
+        return delay
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.next_at = 0.0
+
+    def ready(self, now: float) -> bool:
+        return now >= self.next_at
+
+
+def target_of(gw: Gateway) -> SshTarget:
+    return SshTarget(name=gw.name, host=gw.host, port=gw.port, user=gw.user,
+                     key_path=gw.key_path, host_key=gw.host_key,
+                     trust_on_first_use=gw.trust_on_first_use)
+
+
+class GatewayLink:
+    def __init__(self, gateway: Gateway, settings: SshSettings, *,
+                 session_factory: SessionFactory = AgentSession,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.gateway = gateway
+        self.settings = settings
+        self.session_factory = session_factory
+        self.clock = clock
+        self.turns = TurnLock()
+        self.backoff = Backoff(settings.backoff_initial, settings.backoff_max)
+        self.last_error: TransportError | None = None
+        self.host_key_seen: str | None = None
+        self._session: Session | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def connected(self) -> bool:
+        session = self._session
+        return session is not None and session.alive
+
+    def update(self, gateway: Gateway) -> None:
+        """New inventory data (e.g. a key pinned on first use); used at the next connect."""
+        self.gateway = gateway
+
+    def _failed(self, exc: TransportError) -> None:
+        self.last_error = exc
+        self.backoff.failed(self.clock())
+
+    def _drop(self) -> None:
+        with self._lock:
+            session, self._session = self._session, None
+        if session is not None:
+            session.close()
+
+    def _connect(self, respect_backoff: bool) -> Session:
+        now = self.clock()
+        if respect_backoff and not self.backoff.ready(now) and self.last_error is not None:
+            wait = self.backoff.next_at - now
+            raise TransportError(f"{self.last_error.message} (next attempt in {wait:.0f}s)",
+                                 code=self.last_error.code)
+        session = self.session_factory(target_of(self.gateway), self.settings)
+        try:
+            session.connect()
+        except TransportError as exc:
+            self.host_key_seen = session.host_key_seen or self.host_key_seen
+            self._failed(exc)
+            raise
+        except ControllerError as exc:  # e.g. the key file is unreadable: not retryable
+            wrapped = TransportError(exc.message, code=exc.code)
+            wrapped.retryable = False
+            self._failed(wrapped)
+            raise wrapped from None
+        self.host_key_seen = session.host_key_seen
+        self.backoff.succeeded()
+        self.last_error = None
+        with self._lock:
+            self._session = session
+        return session
+
+    def call(self, op: str, args: dict[str, Any], *, respect_backoff: bool = False,
+             timeout: float | None = None) -> Any:
+        """One request on the kept-open session, connecting first if needed. A session
+        that died while idle is replaced once, for idempotent requests."""
+        session = self._session
+        reused = session is not None and session.alive
+        if session is None or not reused:
+            self._drop()
+            session = self._connect(respect_backoff)
+        try:
+            return session.request(op, args, timeout=timeout)
+        except TransportError as exc:
+            self._drop()
+            if not (reused and exc.code == "connection_lost" and op in IDEMPOTENT_OPS):
+                self._failed(exc)
+                raise
+        session = self._connect(respect_backoff=False)
+        try:
+            return session.request(op, args, timeout=timeout)
+        except TransportError as exc:
+            self._drop()
+            self._failed(exc)
+            raise
+
+    def close(self) -> None:
+        self._drop()
+
+
+class LinkRegistry:
+    """One link per gateway name, created on first use, kept until removed."""
+
+    def __init__(self, settings: SshSettings, *,
+                 session_factory: SessionFactory = AgentSession) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self._links: dict[str, GatewayLink] = {}
+        self._lock = threading.Lock()
+
+    def get(self, gateway: Gateway) -> GatewayLink:
+        with self._lock:
+            link = self._links.get(gateway.name)
+            if link is None:
+                link = GatewayLink(gateway, self.settings, session_factory=self.session_factory)
+                self._links[gateway.name] = link
+            elif link.gateway != gateway:
+                link.update(gateway)
+            return link
+
+    def peek(self, name: str) -> GatewayLink | None:
+        with self._lock:
+            return self._links.get(name)
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            link = self._links.pop(name, None)
+        if link is not None:
+            link.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.close()

@@ -1,0 +1,89 @@
+"""Controller config, time parsing, and the `drawbridge-controller` host commands."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from controller.config import ControllerConfig, load_config, parse_listen
+from controller.errors import ConfigError, InputError
+from controller.server_cli import app
+from controller.timeparse import parse_when
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "controller.toml"
+
+
+def test_defaults_and_example() -> None:
+    cfg = ControllerConfig()
+    assert (cfg.api.host, cfg.api.port) == ("127.0.0.1", 8630)
+    assert cfg.db_url == "sqlite:////var/lib/drawbridge-controller/controller.db"
+    example = load_config(EXAMPLE)
+    assert example.api.listen == "127.0.0.1:8630" and example.fleet.parallelism == 64
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[api]\nlisten = 'localhost:80'", "not an IP address"),
+    ("[api]\nlisten = '127.0.0.1'", "HOST:PORT"),
+    ("[fleet]\nparallelism = 0", "parallelism"),
+    ("typo = 1", "typo"),
+    ("[ssh\n", "not valid TOML"),
+])
+def test_bad_configs(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("[::1]:8630") == ("::1", 8630)
+    with pytest.raises(ValueError):
+        parse_listen("127.0.0.1:99999")
+
+
+def test_parse_when() -> None:
+    now = 1_000_000.0
+    assert parse_when("2h", now) == now - 7200
+    assert parse_when("90m", now) == now - 5400
+    assert parse_when("1753228800", now) == 1753228800.0
+    assert parse_when("2025-07-23", now) == dt.datetime(2025, 7, 23, tzinfo=dt.UTC).timestamp()
+    assert parse_when("2025-07-23T10:00:00Z", now) == \
+        dt.datetime(2025, 7, 23, 10, tzinfo=dt.UTC).timestamp()
+    with pytest.raises(InputError):
+        parse_when("last tuesday", now)
+
+
+def test_host_commands(tmp_path: Path) -> None:
+    cfg = tmp_path / "controller.toml"
+    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    runner = CliRunner()
+    result = runner.invoke(app, ["-c", str(cfg), "migrate"])
+    assert result.exit_code == 0 and "schema version 1" in result.output
+    result = runner.invoke(app, ["-c", str(cfg), "token", "create", "--user", "lead",
+                                 "--role", "admin"])
+    assert result.exit_code == 0 and result.output.startswith("dbt_")
+    token_id = result.output.split("_")[1]
+    result = runner.invoke(app, ["-c", str(cfg), "token", "create", "--user", "x y",
+                                 "--role", "admin"])
+    assert result.exit_code == 2 and "not a valid user name" in result.output
+    result = runner.invoke(app, ["-c", str(cfg), "token", "create", "--user", "x",
+                                 "--role", "root"])
+    assert result.exit_code == 2 and "not a role" in result.output
+    assert token_id in runner.invoke(app, ["-c", str(cfg), "token", "list"]).output
+    assert runner.invoke(app, ["-c", str(cfg), "token", "revoke", token_id]).exit_code == 0
+    result = runner.invoke(app, ["-c", str(cfg), "audit", "verify"])
+    assert result.exit_code == 0 and "2 records" in result.output  # create, revoke
+    assert (tmp_path / "state" / "audit.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_bad_config_exits_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["-c", str(tmp_path / "missing.toml"), "migrate"])
+    assert result.exit_code == 2 and "cannot read config" in result.output

@@ -1,0 +1,210 @@
+"""Fakes for controller unit tests: agents that live in memory, sessions that reach them.
+
+(A module named test_* so it sits with the controller tests; it holds no tests itself.)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controller.auth import Principal, Role
+from controller.config import ControllerConfig, SshSettings
+from controller.errors import AgentError, HostKeyMismatch, HostKeyUnknown, TransportError
+from controller.service import Controller
+from controller.transport.ssh import SshTarget
+
+KEY_A = "SHA256:" + "A" * 43
+KEY_B = "SHA256:" + "B" * 43
+
+
+@dataclass
+class FakeAgent:
+    name: str
+    host_key: str = KEY_A
+    up: bool = True
+    state: str = "open"
+    profile: str | None = None
+    generation: int = 0
+    actor: str = "system"
+    reason: str = ""
+    verified: bool = True
+    delay: float = 0.0
+    epoch: int = 0  # bumping it kills open sessions (sshd restarted)
+    unnoticed: bool = False  # a killed session still looks alive until it is used
+    fail: dict[str, tuple[str, str]] = field(default_factory=dict)
+    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    connects: int = 0
+    auth_attempts: int = 0
+    drift_repairs: int = 0
+    exceptions: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    active: int = 0
+    max_active: int = 0
+
+    def _verification(self) -> dict[str, Any]:
+        ok = self.verified
+        return {"status": "verified" if ok else "unverified", "checked_at": time.time(),
+                "failing": [] if ok else ["outside-web"], "detail": []}
+
+    def change(self, action: str) -> dict[str, Any]:
+        return {"action": action, "gateway": self.name, "state": self.state,
+                "profile": self.profile, "changed": True, "in_sync": True, "problems": [],
+                "verification": self._verification(), "apply_seconds": 0.001,
+                "generation": self.generation, "note": ""}
+
+    def handle(self, op: str, args: dict[str, Any]) -> Any:
+        with self.lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            if self.delay:
+                time.sleep(self.delay)
+            with self.lock:
+                self.calls.append((op, args))
+                if op in self.fail:
+                    code, message = self.fail[op]
+                    raise AgentError(f"{self.name}: {message}", code=code)
+                return self._apply(op, args)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def _apply(self, op: str, args: dict[str, Any]) -> Any:
+        if op == "ping":
+            return {"gateway": self.name, "protocol": 1}
+        if op == "status":
+            return {"gateway": self.name, "state": self.state, "profile": self.profile,
+                    "since": 0.0, "actor": self.actor, "reason": self.reason, "in_sync": True,
+                    "problems": [], "verification": self._verification(),
+                    "exceptions": self.exceptions, "generation": self.generation,
+                    "drift_repairs": self.drift_repairs}
+        if op == "isolate":
+            self.state, self.profile = "isolated", args.get("profile", "internet")
+        elif op == "restore":
+            self.state, self.profile = "open", None
+        elif op == "allow":
+            self.exceptions.append(dict(args))
+        elif op == "probe":
+            return {"probes": [{"name": "outside-web", "ok": self.verified, "type": "tcp",
+                                "target": "198.51.100.10:443", "outcome": "unreachable",
+                                "expected": "unreachable"}]}
+        else:
+            raise AgentError(f"unsupported op {op}", code="bad_request")
+        self.generation += 1
+        self.actor, self.reason = args.get("actor", "?"), args.get("reason", "")
+        return self.change(op)
+
+    def local_change(self, profile: str | None, actor: str = "root@console") -> None:
+        """Break-glass on the box itself."""
+        with self.lock:
+            self.state = "isolated" if profile else "open"
+            self.profile = profile
+            self.generation += 1
+            self.actor, self.reason = actor, "break-glass"
+
+
+class FakeSession:
+    def __init__(self, fleet: FakeFleet, target: SshTarget) -> None:
+        self.fleet = fleet
+        self.target = target
+        self.host_key_seen: str | None = None
+        self.epoch: int | None = None
+
+    @property
+    def agent(self) -> FakeAgent:
+        return self.fleet.agents[self.target.name]
+
+    @property
+    def alive(self) -> bool:
+        if self.epoch is None:
+            return False
+        if self.agent.unnoticed:
+            return True
+        return self.agent.up and self.agent.epoch == self.epoch
+
+    def _really_alive(self) -> bool:
+        return self.epoch is not None and self.agent.up and self.agent.epoch == self.epoch
+
+    def connect(self) -> None:
+        agent = self.agent
+        if not agent.up:
+            raise TransportError(f"{self.target.name}: connection refused (is sshd running?)")
+        self.host_key_seen = agent.host_key
+        if self.target.host_key is None and not self.target.trust_on_first_use:
+            raise HostKeyUnknown("no key pinned", expected=None, presented=agent.host_key)
+        if self.target.host_key is not None and self.target.host_key != agent.host_key:
+            raise HostKeyMismatch(f"{self.target.name}: HOST KEY MISMATCH",
+                                  expected=self.target.host_key, presented=agent.host_key)
+        agent.auth_attempts += 1
+        agent.connects += 1
+        self.epoch = agent.epoch
+
+    def request(self, op: str, args: dict[str, Any], *, timeout: float | None = None) -> Any:
+        if not self._really_alive():
+            self.epoch = None
+            raise TransportError(f"{self.target.name}: the agent session ended",
+                                 code="connection_lost")
+        return self.agent.handle(op, args)
+
+    def close(self) -> None:
+        self.epoch = None
+
+
+class FakeFleet:
+    def __init__(self, names: list[str]) -> None:
+        self.agents = {n: FakeAgent(n) for n in names}
+
+    def factory(self, target: SshTarget, settings: SshSettings) -> FakeSession:
+        del settings
+        return FakeSession(self, target)
+
+
+ADMIN = Principal(user="alice", role=Role.admin, token_id="t-admin")
+OPERATOR = Principal(user="olga", role=Role.operator, token_id="t-op")
+VIEWER = Principal(user="vic", role=Role.viewer, token_id="t-view")
+
+
+def make_config(tmp: Path, **overrides: Any) -> ControllerConfig:
+    data: dict[str, Any] = {
+        "state_dir": str(tmp / "state"),
+        "ssh": {"backoff_initial": 0.01, "backoff_max": 0.05, "request_timeout": 5},
+        "fleet": {"parallelism": 8},
+        "poll": {"enabled": False},
+    }
+    data.update(overrides)
+    return ControllerConfig.model_validate(data)
+
+
+def make_controller(tmp: Path, fakes: FakeFleet, *, keyfile: Path | None = None,
+                    add: bool = True, **overrides: Any) -> Controller:
+    ctl = Controller(make_config(tmp, **overrides), session_factory=fakes.factory).open()
+    if add:
+        key = keyfile or write_key(tmp)
+        for i, name in enumerate(fakes.agents):
+            ctl.add_gateway(ADMIN, name=name, address=f"10.99.0.{100 + i}", user="root",
+                            key_path=str(key), host_key=KEY_A, trust_on_first_use=False,
+                            groups=["even" if i % 2 == 0 else "odd"], reason="test",
+                            ticket=None)
+    return ctl
+
+
+def write_key(tmp: Path) -> Path:
+    """A real (throwaway) ed25519 private key, since `gateway add` loads it."""
+    import paramiko
+
+    path = tmp / "id_ed25519"
+    if not path.exists():
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        pem = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption())
+        path.write_bytes(pem)
+        path.chmod(0o600)
+        paramiko.PKey.from_path(str(path))
+    return path
