@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from drawbridge_lab import Lab
-from tests.lab.controller_rig import API_URL, FleetRig, fingerprint, wait_for
+from drawbridge_lab.fleet import API_URL, FleetRig, fingerprint, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Controller fan-out (issue 4)"

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from drawbridge_lab import Lab
-from tests.lab.controller_rig import (
+from drawbridge_lab.fleet import (
     AGENT,
     API_URL,
     OUTSIDE_PORT,

@@ -1,9 +1,7 @@
 """A Drawbridge fleet in the namespace lab: per gateway an agent daemon and an sshd whose
 authorized_keys restricts the controller's key to the agent's forced command; a
 controller (`drawbridge-controller serve`) and the engineer CLI in the management
-namespace. Used by the controller lab tests and by bench/fleet.py.
-
-(A test_* module so it sits with the controller lab tests; it holds no tests itself.)
+namespace. Used by the demo, the controller lab tests and bench/fleet.py.
 """
 
 from __future__ import annotations
