@@ -28,6 +28,7 @@ CONTROLLER = str(BIN / "drawbridge-controller")
 CLI = str(BIN / "drawbridge")
 API_URL = "http://127.0.0.1:8630"
 OUTSIDE_PORT = 443
+CASEFILES_PORT = 80
 
 
 def keygen(path: Path, comment: str = "drawbridge-lab") -> Path:
@@ -68,8 +69,10 @@ cidr = "fd99::/64"
 proto = "tcp"
 ports = [22]
 
+# case files come back first: their service (tcp/80 at the outside host) reopens while
+# the probe keeps proving that the rest of the outside (tcp/443) stays cut
 [profiles.casefiles]
-allow = [{{ cidr = "{lab.outside_addr4}/32", proto = "tcp", ports = [443], direction = "out" }}]
+allow = [{{ cidr = "{lab.outside_addr4}/32", proto = "tcp", ports = [{CASEFILES_PORT}] }}]
 """
     if probes:
         text += f"""
