@@ -225,8 +225,8 @@ def _print_status(s: dict[str, Any]) -> None:
         table.add_row("", f"! {problem}")
     table.add_row("verification", v["status"] + (f" at {_when(v['checked_at'])}"
                                                   if v.get("checked_at") else ""))
-    for name in v.get("failing", []):
-        table.add_row("", f"! failing: {name}")
+    for line in v.get("detail", []) or [f"failing: {n}" for n in v.get("failing", [])]:
+        table.add_row("", f"! {line}")
     for exc in s["exceptions"]:
         flow = exc["flow"]
         ports = ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in flow["ports"]) or "all"
