@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent.config import format_validation_error
 from controller.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/drawbridge/controller.toml")
@@ -104,19 +105,11 @@ def parse_listen(value: str) -> tuple[str, int]:
     return bare, int(port)
 
 
-def _format(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid controller configuration"]
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}")
-    return "\n".join(lines)
-
-
 def parse_config(data: dict[str, Any], source: str = "<config>") -> ControllerConfig:
     try:
         return ControllerConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, source)) from None
 
 
 def load_config(path: Path | None) -> ControllerConfig:
