@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := nftables iproute2 openssh-server openssh-client prometheus fping \
 	iptables iputils-ping procps python3-venv
-BENCH_APT_PACKAGES := ansible-core hyperfine
+BENCH_APT_PACKAGES := ansible-core curl
 
 .PHONY: help deps venv demo test test-unit test-lab lint bench clean lab-down
 

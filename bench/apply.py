@@ -24,7 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.report import write_section
+
 SMALL_PROFILE = "internet"
+SECTION = "## Isolation engine (issue 2)"
 
 
 def _median(samples: list[float]) -> float:
@@ -206,6 +209,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print raw results as JSON")
+    parser.add_argument("--write", action="store_true",
+                        help=f"also replace the section {SECTION!r} of BENCHMARKS.md")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -225,6 +230,8 @@ def main() -> None:
         subprocess.run(["ip", "netns", "del", ns], check=False)
     results = json.loads(proc.stdout)
     print(json.dumps(results, indent=2) if args.json else report(results))
+    if args.write:
+        write_section(SECTION, report(results))
 
 
 if __name__ == "__main__":

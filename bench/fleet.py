@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.report import write_section
 from drawbridge_lab import Lab
 from drawbridge_lab.fleet import API_URL, FleetRig, fingerprint, wait_for
 
@@ -360,18 +361,6 @@ def render(results: list[dict[str, Any]], rounds: int, note: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path) -> None:
-    """Replace (or append) only our section of BENCHMARKS.md."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip() + "\n\n" + text
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(new.rstrip() + "\n")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="10,25,50",
@@ -398,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(results, args.rounds, args.note)
     print(text)
     if not args.no_write:
-        write_section(text, ROOT / "BENCHMARKS.md")
+        write_section(SECTION, text.removeprefix(SECTION))
 
 
 if __name__ == "__main__":
