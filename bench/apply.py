@@ -28,6 +28,27 @@ from bench.report import write_section
 
 SMALL_PROFILE = "internet"
 SECTION = "## Isolation engine (issue 2)"
+NOTES = """\
+How to read it:
+
+- "Drawbridge engine" is `Engine.isolate` in the agent process: validate, build the
+  policy, dry-check the structure (once per structure per process), write the desired
+  state (fsync), apply in one transaction, read the table back through the JSON API and
+  compare it with the intent. That is what a request on the controller's warm SSH
+  channel costs on the gateway. "drawbridge-agent CLI" is the break-glass command on
+  the console: a new Python process each time (imports, config load), no daemon.
+- "warm apply" is policy + dry check + the nftables transaction, the part comparable
+  to `nft -f` of the same script (the floor, which includes its own process start);
+  nftables is driven in-process through libnftables, so Drawbridge saves the fork+exec
+  and spends it on validation. "cold" adds compiling the profile (collapsing and
+  sorting the allowlist), which the daemon does once at start for every profile.
+- The read-back of 100k elements is the cost of proof: nft dumps every element as JSON.
+  The reconcile loop therefore compares structure (chains, rules, sets) every
+  `reconcile_interval` and set contents every `full_check_interval`.
+- iptables-restore gets the same allowlist as linear rules (request and reply, local
+  and forwarded: 4 rules per CIDR), into the legacy backend.
+- Goal of issue 2: within 1.3x of raw `nft -f` at every size. Measured (warm): {ratios}.
+"""
 
 
 def _median(samples: list[float]) -> float:
@@ -200,6 +221,9 @@ def report(results: dict[str, Any]) -> str:
                    f"{r['ratio_vs_raw']:.2f}x | {ms(r['iptables_restore'])} "
                    f"({r['iptables_binary']}) | {ms(r['warm_readback'])} | "
                    f"{ms(r['cold_compile_and_apply'])} |")
+    ratios = ", ".join(f"{r['ratio_vs_raw']:.2f}x" for r in results["sizes"].values())
+    out += ["", "`.venv/bin/python -m bench.apply` (root; runs in a namespace it creates).",
+            "", NOTES.replace("{ratios}", ratios)]
     return "\n".join(out)
 
 
