@@ -337,13 +337,17 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> AgentConfig:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
-def load_config(path: Path) -> AgentConfig:
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file as a dict; unreadable or malformed files become a ConfigError."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_config(data, str(path))
+
+
+def load_config(path: Path) -> AgentConfig:
+    return parse_config(read_toml(path), str(path))

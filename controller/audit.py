@@ -251,9 +251,9 @@ class AuditLog:
         t = self.table
         where: list[Any] = []
         if q.since is not None:
-            where.append(t.c.ts_us >= int(q.since * 1e6))
+            where.append(t.c.ts_us >= round(q.since * 1e6))
         if q.until is not None:
-            where.append(t.c.ts_us <= int(q.until * 1e6))
+            where.append(t.c.ts_us <= round(q.until * 1e6))
         if q.actor:
             where.append(t.c.actor == q.actor)
         if q.action:

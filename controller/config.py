@@ -7,13 +7,13 @@ the state dir, API on 127.0.0.1:8630). See deploy/examples/controller.toml.
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.config import format_validation_error
+from agent.config import format_validation_error, read_toml
+from agent.errors import ConfigError as AgentConfigError
 from controller.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/drawbridge/controller.toml")
@@ -119,11 +119,7 @@ def load_config(path: Path | None) -> ControllerConfig:
             return ControllerConfig()
         path = DEFAULT_CONFIG_PATH
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        data = read_toml(path)
+    except AgentConfigError as exc:  # the agent's reader, the controller's error type
+        raise ConfigError(str(exc)) from None
     return parse_config(data, str(path))
