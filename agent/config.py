@@ -50,6 +50,19 @@ def parse_network(value: object) -> IPNetwork:
         raise ValueError(f"{value!r} is not a valid IPv4/IPv6 CIDR ({exc})") from None
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """'0.0.0.0:9630' or '[::]:9630' as (host, port); the host must be an IP address."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. '0.0.0.0:9630' or '[::]:9630')")
+    bare = host.strip("[]")
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        raise ValueError(f"{host!r} in {value!r} is not an IP address") from None
+    return bare, int(port)
+
+
 def parse_name(value: object) -> str:
     if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise ValueError(
@@ -145,23 +158,16 @@ class MetricsConfig(_Model):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
-            raise ValueError(f"{value!r} is not HOST:PORT (e.g. '0.0.0.0:9630' or '[::]:9630')")
-        bare = host.strip("[]")
-        try:
-            ipaddress.ip_address(bare)
-        except ValueError:
-            raise ValueError(f"{host!r} in {value!r} is not an IP address") from None
+        parse_listen(value)
         return value
 
     @property
     def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
+        return parse_listen(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
+        return parse_listen(self.listen)[1]
 
 
 ProbeType = Literal["icmp", "tcp", "tcp-syn", "dns"]

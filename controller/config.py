@@ -6,13 +6,12 @@ the state dir, API on 127.0.0.1:8630). See deploy/examples/controller.toml.
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.config import format_validation_error, read_toml
+from agent.config import format_validation_error, parse_listen, read_toml
 from agent.errors import ConfigError as AgentConfigError
 from controller.errors import ConfigError
 
@@ -90,19 +89,6 @@ class ControllerConfig(_Model):
     @property
     def audit_head_path(self) -> Path:
         return self.state_dir / "audit.head"
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """'127.0.0.1:8630' or '[::1]:8630' as (host, port)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{value!r} is not HOST:PORT (e.g. '127.0.0.1:8630' or '[::1]:8630')")
-    bare = host.strip("[]")
-    try:
-        ipaddress.ip_address(bare)
-    except ValueError:
-        raise ValueError(f"{host!r} in {value!r} is not an IP address") from None
-    return bare, int(port)
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> ControllerConfig:

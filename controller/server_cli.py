@@ -23,8 +23,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from agent.config import parse_listen
 from controller.auth import Role
-from controller.config import ControllerConfig, load_config, parse_listen
+from controller.config import ControllerConfig, load_config
 from controller.errors import ControllerError
 
 if TYPE_CHECKING:

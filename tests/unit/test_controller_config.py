@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from controller.config import ControllerConfig, load_config, parse_listen
+from agent.config import parse_listen
+from controller.config import ControllerConfig, load_config
 from controller.errors import ConfigError, InputError
 from controller.server_cli import app
 from controller.timeparse import parse_when
