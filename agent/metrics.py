@@ -35,7 +35,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from agent.errors import DrawbridgeError
-from agent.nft.render import COUNTERS
+from agent.nft.rules import COUNTERS
 from agent.probes import ProbeResult
 from agent.state import DesiredState, StateStore
 

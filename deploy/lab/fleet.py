@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from drawbridge_lab import Lab
+from drawbridge_lab.agentconf import agent_toml
 from drawbridge_lab.topology import Gateway
 
 BIN = Path(sys.executable).parent
@@ -49,26 +50,8 @@ def fingerprint(pub: Path) -> str:
 
 def agent_config(gw: Gateway, lab: Lab, state_dir: Path, *, probes: bool,
                  reconcile_interval: float) -> str:
-    nets = ", ".join(f'"{n}"' for n in gw.internal_networks)
-    text = f"""
-gateway = "{gw.name}"
-internal_networks = [{nets}]
-state_dir = "{state_dir}"
-reconcile_interval = {reconcile_interval}
-
-[metrics]
-enabled = false
-
-[[management]]
-cidr = "10.99.0.0/24"
-proto = "tcp"
-ports = [22]
-
-[[management]]
-cidr = "fd99::/64"
-proto = "tcp"
-ports = [22]
-
+    text = agent_toml(lab, gw, state_dir, reconcile_interval=reconcile_interval,
+                      mgmt_ports=(22,)) + f"""
 # case files come back first: their service (tcp/80 at the outside host) reopens while
 # the probe keeps proving that the rest of the outside (tcp/443) stays cut
 [profiles.casefiles]

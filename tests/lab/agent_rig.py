@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from drawbridge_lab import Lab
+from drawbridge_lab.agentconf import agent_toml
 from drawbridge_lab.flows import EXPECT, MGMT_PORT, STATE_INDEX, Flow, flow_matrix
 from drawbridge_lab.topology import Gateway
 
@@ -26,27 +27,8 @@ AGENT = str(Path(sys.executable).with_name("drawbridge-agent"))
 def toml_config(
     lab: Lab, gw: Gateway, state_dir: Path, *, extra: str = "", reconcile_interval: float = 0.5
 ) -> str:
-    nets = ", ".join(f'"{n}"' for n in gw.internal_networks)
-    return f"""
-gateway = "{gw.name}"
-internal_networks = [{nets}]
-state_dir = "{state_dir}"
-reconcile_interval = {reconcile_interval}
-full_check_interval = 0
-
-[metrics]
-enabled = false
-
-[[management]]
-cidr = "10.99.0.0/24"
-proto = "tcp"
-ports = [{MGMT_PORT}, 9630]
-
-[[management]]
-cidr = "fd99::/64"
-proto = "tcp"
-ports = [{MGMT_PORT}, 9630]
-
+    return agent_toml(lab, gw, state_dir, reconcile_interval=reconcile_interval,
+                      mgmt_ports=(MGMT_PORT, 9630), full_check_interval=0) + f"""
 [profiles.casefiles]
 allow = [{{ cidr = "{lab.outside_addr4}/32", proto = "tcp", ports = [443], direction = "out" }}]
 {extra}

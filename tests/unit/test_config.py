@@ -15,6 +15,7 @@ def test_design_example_loads(tmp_path: Path) -> None:
         """
 gateway = "gw-ams-1"
 internal_networks = ["10.20.0.0/16", "fd20::/48"]
+internal_interfaces = ["inside"]
 state_dir = "/var/lib/drawbridge"
 [metrics]
 listen = "0.0.0.0:9630"
