@@ -29,10 +29,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from controller.audit import HistoryQuery, VerifyReport
 from controller.auth import Principal, Role, TokenInfo
 from controller.errors import ControllerError, InputError, Unauthorized
+from controller.fleet import GatewayResult
 from controller.schemas import (
     AllowBody,
     CommandResult,
     ErrorResponse,
+    ExtendBody,
     GatewayAddBody,
     GatewayRemoveBody,
     GatewayView,
@@ -42,6 +44,8 @@ from controller.schemas import (
     PlanResult,
     ProbeBody,
     RestoreBody,
+    RevokeBody,
+    Targets,
     TokenCreateBody,
     TokenCreated,
 )
@@ -295,6 +299,10 @@ def create_app(ctl: Controller) -> FastAPI:
 
     @app.post("/v1/allow", response_model=CommandResult, tags=["commands"])
     def allow(body: AllowBody, p: Operator, request: Request) -> Any:
+        """Open one exact flow until it expires. An operator may open at most a /24
+        (IPv4) or /48 (IPv6) by default (`[exceptions]`); wider needs an admin;
+        0.0.0.0/0 and ::/0 are refused."""
+        ctl.check_exception_breadth(p, "allow", body.cidr)
         gateways = ctl.select(p, body.targets, "allow")
         flow = {"cidr": str(body.cidr), "proto": body.proto,
                 "ports": [lo if lo == hi else f"{lo}-{hi}" for lo, hi in body.ports],
@@ -304,6 +312,28 @@ def create_app(ctl: Controller) -> FastAPI:
             return ctl.run_command(gateways, action="allow", op="allow", actor=p.user,
                                    reason=body.reason, ticket=body.ticket, args=flow, emit=emit)
         return _run_stream(run) if _wants_stream(request) else run(lambda e: None)
+
+    @app.get("/v1/exceptions", response_model=list[GatewayResult], tags=["commands"])
+    def exceptions(p: Viewer, gateway: Annotated[list[str], Query()]) -> Any:
+        """The live exceptions of these gateways, asked now (`result.exceptions`)."""
+        try:
+            targets = Targets(gateways=tuple(gateway))
+        except ValueError as exc:
+            raise InputError(f"gateway: {exc}") from None
+        return ctl.exceptions(p, targets)
+
+    @app.post("/v1/allow/extend", response_model=CommandResult, tags=["commands"])
+    def extend(body: ExtendBody, p: Operator) -> Any:
+        """Give one live exception a new lifetime from now (same breadth rule as allow)."""
+        return ctl.change_exception(p, "extend", gateway=body.gateway, exception_id=body.id,
+                                    reason=body.reason, ticket=body.ticket,
+                                    duration_seconds=body.duration_seconds)
+
+    @app.post("/v1/allow/revoke", response_model=CommandResult, tags=["commands"])
+    def revoke(body: RevokeBody, p: Operator) -> Any:
+        """Close one live exception now."""
+        return ctl.change_exception(p, "revoke", gateway=body.gateway, exception_id=body.id,
+                                    reason=body.reason, ticket=body.ticket)
 
     @app.post("/v1/probe", response_model=CommandResult, tags=["commands"])
     def probe(body: ProbeBody, p: Operator, request: Request) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,6 +77,13 @@ class AgentRig:
 
     def ruleset(self) -> str:
         return self.nft("list", "ruleset")
+
+    def rules_as_meant(self, what: tuple[str, ...] = ("ruleset",)) -> str:
+        """A listing to compare across time: no counter values (-s), and no connection
+        ids in the dynamic `live` set (both change with every packet)."""
+        listing = self.nft("-s", "list", *what, check=False)
+        return re.sub(r"(set live \{[^}]*?timeout \S+\n)\t+elements = \{[^}]*\}\n",
+                      r"\1", listing)
 
     def has_table(self) -> bool:
         return "table inet drawbridge" in self.ruleset()
