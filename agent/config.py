@@ -385,6 +385,22 @@ class AgentConfig(_Model):
             raise ValueError(f"duplicate probe names: {', '.join(dupes)}")
         return value
 
+    @model_validator(mode="after")
+    def _pins_outside_internal(self) -> AgentConfig:
+        """A management network inside the internal networks but pinned to another
+        interface would be believed from the inside too (internal sources are): refuse."""
+        inside = set(self.internal_interfaces)
+        for i, entry in enumerate(self.management):
+            if entry.cidr is None or entry.interface is None or entry.interface in inside:
+                continue
+            for net in self.internal_networks:
+                if net.version == entry.cidr.version and net.overlaps(entry.cidr):
+                    raise ValueError(
+                        f"management[{i}]: {entry.cidr} lies in internal network {net} but is "
+                        f"pinned to {entry.interface!r}; pin it to an internal interface or "
+                        "leave out 'interface'")
+        return self
+
     def profile_names(self) -> list[str]:
         return [*BUILTIN_PROFILES, *self.profiles]
 

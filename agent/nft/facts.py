@@ -18,9 +18,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.nft.render import ALL_COUNTERS, TABLE
+from agent.nft.render import ALL_COUNTERS, TABLE, claimed
 from agent.nft.rules import LIVE_SET, set_name
-from agent.policy import FlowElement, Policy, collapse_networks
+from agent.policy import FlowElement, Policy
 
 _PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58}
 # expected elements this close to expiry may already be gone from the kernel
@@ -161,8 +161,7 @@ def expected_elements(policy: Policy) -> dict[str, frozenset[ElementKey]]:
         sets[set_name("internal", fam)] = frozenset(
             str(n) for n in policy.internal if n.version == fam)
         sets[set_name("mgmt_pin", fam)] = frozenset((i, str(n)) for i, n in pins)
-        sets[set_name("mgmt_pinned", fam)] = frozenset(
-            str(n) for n in collapse_networks(n for _, n in pins))
+        sets[set_name("claimed", fam)] = frozenset(str(n) for n in claimed(policy, fam))
         sets[set_name("mgmt_rpf", fam)] = frozenset(
             str(n) for n in spoof.reverse_path if n.version == fam)
     for name, elements in policy.sets.items():

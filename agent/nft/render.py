@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from agent.config import IPNetwork
 from agent.nft.rules import (
     ACCEPT_CHAIN,
     ANTISPOOF_PRIORITY,
@@ -41,7 +42,7 @@ _PROTO = {(4, "tcp"): "tcp", (6, "tcp"): "tcp", (4, "udp"): "udp", (6, "udp"): "
 # connection ids of allowed flows (see rules.py); entries age out, `add` never refreshes
 LIVE_TIMEOUT = "10m"
 LIVE_SIZE = 65536
-CHAIN_NAMES = ("prerouting", ACCEPT_CHAIN, *FILTER_CHAINS)
+CHAIN_NAMES = ("prerouting", "from_inside", ACCEPT_CHAIN, *FILTER_CHAINS)
 
 
 def _timed(kind: str) -> bool:
@@ -100,8 +101,7 @@ def _address_sets(policy: Policy, with_elements: bool) -> list[str]:
         pins = [(ifname, net) for ifname, net in spoof.pins if net.version == fam]
         content = {
             set_name("internal", fam): _join(str(n) for n in policy.internal if n.version == fam),
-            set_name("mgmt_pinned", fam): _join(str(n) for n in
-                                                collapse_networks(net for _, net in pins)),
+            set_name("claimed", fam): _join(map(str, claimed(policy, fam))),
             set_name("mgmt_rpf", fam): _join(str(n) for n in spoof.reverse_path
                                              if n.version == fam),
         }
@@ -110,6 +110,12 @@ def _address_sets(policy: Policy, with_elements: bool) -> list[str]:
         blocks.append(_set_block(set_name("mgmt_pin", fam), f"ifname . {addr}", "interval",
                                  _join(f'"{i}" . {n}' for i, n in pins) if with_elements else ""))
     return blocks
+
+
+def claimed(policy: Policy, fam: int) -> tuple[IPNetwork, ...]:
+    """Sources believed on particular interfaces only: internal and pinned management."""
+    return collapse_networks([*(n for n in policy.internal if n.version == fam),
+                              *(n for _, n in policy.antispoof.pins if n.version == fam)])
 
 
 def _chain(name: str, rules: Iterable[str]) -> str:

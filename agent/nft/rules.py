@@ -18,6 +18,8 @@ What the rules promise (and the adversarial lab suite checks with crafted packet
   conntrack sees the packet): internal networks on the internal interfaces only,
   nothing else there; pinned management sources on their interface; other
   management sources by a strict reverse-path check. Spoofed packets are counted.
+  Set `claimed{4,6}` holds what may only come from a known place (internal networks
+  and pinned management networks).
 - **Management and infrastructure flows never depend on conntrack**: they are
   matched statelessly by their configured tuples, in every state.
 
@@ -66,26 +68,37 @@ def set_name(kind: str, family: int) -> str:
 
 
 def _antispoof() -> list[Rule]:
+    """Where sources are believed (chain prerouting, before conntrack). The common case
+    leaves first: an internal source on an internal interface costs two lookups."""
+    drop = f'counter name "{SPOOFED_COUNTER}" drop'
     rules = [Rule("prerouting", 'iif "lo" accept', "loopback"),
-             # a local address arriving from a wire is forged (IPv6 has no martian check)
-             Rule("prerouting", f'fib saddr type local counter name "{SPOOFED_COUNTER}" drop',
-                  "spoofed-local")]
+             Rule("prerouting", "iifname @internal_ifs jump from_inside", "from-inside")]
     for fam, ip in L3.items():
-        drop = f'counter name "{SPOOFED_COUNTER}" drop'
         rules += [
-            # unspecified and link-local sources never cross a router (DHCP, NDP, DAD)
-            Rule("prerouting", f"{ip} saddr {{ {_UNROUTABLE[fam]} }} accept", f"link{fam}"),
-            Rule("prerouting", f"iifname . {ip} saddr @mgmt_pin{fam} accept", f"mgmt-pinned{fam}"),
-            Rule("prerouting", f"{ip} saddr @mgmt_pinned{fam} {drop}", f"spoofed-mgmt{fam}"),
+            Rule("from_inside", f"{ip} saddr @internal{fam} accept", f"internal{fam}"),
+            # a management station pinned to an internal interface may have any address
+            Rule("from_inside", f"iifname . {ip} saddr @mgmt_pin{fam} accept",
+                 f"mgmt-pinned{fam}"),
+        ]
+    for fam, ip in L3.items():
+        # unspecified and link-local sources never cross a router (DHCP, NDP, DAD)
+        unroutable = Rule("prerouting", f"{ip} saddr {{ {_UNROUTABLE[fam]} }} accept",
+                          f"link{fam}")
+        rules += [unroutable, Rule("from_inside", unroutable.text, unroutable.comment)]
+    rules.append(Rule("from_inside", drop, "spoofed-outside"))
+    for fam, ip in L3.items():
+        rules += [
+            Rule("prerouting", f"iifname . {ip} saddr @mgmt_pin{fam} accept",
+                 f"mgmt-pinned{fam}"),
+            # internal networks and pinned management live elsewhere than here
+            Rule("prerouting", f"{ip} saddr @claimed{fam} {drop}", f"spoofed{fam}"),
             Rule("prerouting", f"{ip} saddr @mgmt_rpf{fam} fib saddr . iif oif missing {drop}",
                  f"spoofed-mgmt-rpf{fam}"),
-            Rule("prerouting", f"{ip} saddr @mgmt_rpf{fam} accept", f"mgmt-rpf{fam}"),
-            Rule("prerouting", f"iifname @internal_ifs {ip} saddr @internal{fam} accept",
-                 f"internal{fam}"),
-            Rule("prerouting", f"iifname @internal_ifs meta nfproto ipv{fam} {drop}",
-                 f"spoofed-outside{fam}"),
-            Rule("prerouting", f"{ip} saddr @internal{fam} {drop}", f"spoofed-internal{fam}"),
         ]
+    # a local address arriving from a wire is forged (the kernel refuses it for IPv4,
+    # not for IPv6)
+    rules.append(Rule("prerouting", f"meta nfproto ipv6 fib saddr type local {drop}",
+                      "spoofed-local6"))
     return rules
 
 
@@ -229,7 +242,7 @@ def _internal(fam: int) -> list[Rule]:
     ]
 
 
-CHAIN_ORDER = ("prerouting", ACCEPT_CHAIN, *FILTER_CHAINS)
+CHAIN_ORDER = ("prerouting", "from_inside", ACCEPT_CHAIN, *FILTER_CHAINS)
 
 
 def rules_for(policy: Policy) -> list[Rule]:

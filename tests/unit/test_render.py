@@ -74,8 +74,14 @@ def test_prerouting_believes_addresses_only_on_their_interfaces() -> None:
     assert '"mgmt" . 10.99.0.0/24' in block(script, "set mgmt_pin4")
     assert "fd99::/64" in block(script, "set mgmt_rpf6")
     assert any("fib saddr . iif oif missing" in ln and "@mgmt_rpf6" in ln for ln in pre)
-    assert any("iifname @internal_ifs meta nfproto ipv4" in ln and "drop" in ln for ln in pre)
-    assert any("ip6 saddr @internal6" in ln and 'counter name "spoofed" drop' in ln
+    # from an internal interface: internal sources (or a pinned station) only
+    inside = chain_body(script, "from_inside")
+    assert inside[-1] == 'counter name "spoofed" drop comment "spoofed-outside"'
+    assert 'iifname @internal_ifs jump from_inside comment "from-inside"' in pre
+    # from anywhere else: nothing that claims to be internal or pinned elsewhere
+    assert "10.20.0.0/16" in block(script, "set claimed4")
+    assert "10.99.0.0/24" in block(script, "set claimed4")
+    assert any("ip6 saddr @claimed6" in ln and 'counter name "spoofed" drop' in ln
                for ln in pre)
 
 
