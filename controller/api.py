@@ -47,7 +47,7 @@ from controller.schemas import (
 )
 from controller.service import Controller, Emit
 from controller.timeparse import parse_when
-from controller.web.annotations import annotations
+from controller.web.annotations import to_annotations
 from controller.web.loading import VerifyCache, WindowTooLarge
 from controller.web.report_formats import FORMATS
 from controller.web.routes import UiDeps, report_response, ui_router
@@ -362,7 +362,7 @@ def create_app(ctl: Controller) -> FastAPI:
     @app.get("/v1/report", tags=["audit"], response_class=Response,
              responses={200: {"content": {m: {} for m in FORMATS.values()}}})
     def report(p: Viewer, since: str | None = None, until: str | None = None,
-               format: Literal["html", "pdf", "csv", "json"] = "json") -> Response:  # noqa: A002
+               format: Literal["html", "pdf", "csv", "json"] = "json") -> Response:
         """The incident report of [since, until] (default: the last 24 h)."""
         try:
             body, media, name = report_response(ui, p, since, until, format)
@@ -383,7 +383,7 @@ def create_app(ctl: Controller) -> FastAPI:
         window = parse_window(_millis(from_), _millis(to), now)
         records = ctl.history(HistoryQuery(since=window.since, until=window.until,
                                            gateway=gateway, limit=limit))
-        return annotations(records)
+        return to_annotations(records)
 
     # -- users -----------------------------------------------------------------------------
 

@@ -54,5 +54,5 @@ def annotation(rec: AuditRecord) -> dict[str, Any] | None:
     return out
 
 
-def annotations(records: Sequence[AuditRecord]) -> list[dict[str, Any]]:
+def to_annotations(records: Sequence[AuditRecord]) -> list[dict[str, Any]]:
     return [a for rec in records if (a := annotation(rec)) is not None]

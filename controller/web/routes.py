@@ -184,7 +184,7 @@ def ui_router(deps: UiDeps) -> APIRouter:
 
     @router.get("/report")
     def report(request: Request, since: str | None = None, until: str | None = None,
-               format: str = "html") -> Response:  # noqa: A002 (the query parameter's name)
+               format: str = "html") -> Response:
         principal = who(request)
         if not isinstance(principal, Principal):
             return principal

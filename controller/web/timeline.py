@@ -134,8 +134,8 @@ class Timeline:
     def kinds(self) -> list[str]:
         """Segment colour keys present, in a stable order (for the legend)."""
         found = {s.condition.kind for lane in self.lanes for s in lane.segments}
-        order = ["open", "unreachable", "unknown"]
-        return sorted(found, key=lambda k: (order.index(k) if k in order else 1.5, k))
+        rank = {"open": 0, "unreachable": 2, "unknown": 3}
+        return sorted(found, key=lambda k: (rank.get(k, 1), k))
 
 
 # -- one record's effect ---------------------------------------------------------------
