@@ -47,9 +47,16 @@ def fingerprint(pub: Path) -> str:
     return out.split()[1]
 
 
+METRICS_PORT = 9630
+
+
 def agent_config(gw: Gateway, lab: Lab, state_dir: Path, *, probes: bool,
-                 reconcile_interval: float) -> str:
+                 reconcile_interval: float, metrics: bool = False) -> str:
     nets = ", ".join(f'"{n}"' for n in gw.internal_networks)
+    # metrics: on the management address, scraped from the management network
+    shown = (f'listen = "{gw.mgmt_addr4}:{METRICS_PORT}"\n\n[[management]]\n'
+             f'cidr = "10.99.0.0/24"\nproto = "tcp"\nports = [{METRICS_PORT}]'
+             if metrics else "enabled = false")
     text = f"""
 gateway = "{gw.name}"
 internal_networks = [{nets}]
@@ -57,7 +64,7 @@ state_dir = "{state_dir}"
 reconcile_interval = {reconcile_interval}
 
 [metrics]
-enabled = false
+{shown}
 
 [[management]]
 cidr = "10.99.0.0/24"
@@ -108,8 +115,10 @@ class GatewayRig:
 
 class FleetRig:
     def __init__(self, lab: Lab, workdir: Path, *, probes: bool = True,
-                 reconcile_interval: float = 2.0, ansible_key: bool = False) -> None:
+                 reconcile_interval: float = 2.0, ansible_key: bool = False,
+                 metrics: bool = False) -> None:
         self.lab = lab
+        self.metrics = metrics
         self.workdir = workdir
         self.probes = probes
         self.reconcile_interval = reconcile_interval
@@ -133,7 +142,8 @@ class FleetRig:
     def prepare(self, rig: GatewayRig) -> None:
         rig.dir.mkdir(parents=True, exist_ok=True)
         rig.config.write_text(agent_config(rig.gw, self.lab, rig.state_dir, probes=self.probes,
-                                           reconcile_interval=self.reconcile_interval))
+                                           reconcile_interval=self.reconcile_interval,
+                                           metrics=self.metrics))
         (rig.dir / "authorized_keys").write_text(self.authorized_keys(rig))
         keygen(rig.host_key, f"{rig.gw.name}-host")
 
