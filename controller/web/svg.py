@@ -28,8 +28,8 @@ PROFILE_PALETTE = ("#e67e22", "#f0b429", "#8e44ad", "#d35400", "#c27c0e", "#a569
 MARK_COLOURS = (("isolate", "#7b0000"), ("restore", "#1b5e20"), ("allow", "#0d47a1"),
                 ("stage", "#6a1b9a"), ("plan", "#4a148c"), ("changed", "#e65100"),
                 ("drift", "#bf360c"))
-TICK_STEPS = (60, 300, 600, 900, 1800, 3600, 2 * 3600, 3 * 3600, 6 * 3600, 12 * 3600,
-              86400, 2 * 86400, 7 * 86400, 14 * 86400, 28 * 86400)
+TICK_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 2 * 3600, 3 * 3600,
+              6 * 3600, 12 * 3600, 86400, 2 * 86400, 7 * 86400, 14 * 86400, 28 * 86400)
 
 
 def colour(kind: str) -> str:
@@ -119,6 +119,8 @@ class Geometry:
 
 
 def _tick_format(step: int) -> str:
+    if step < 60:
+        return "%H:%M:%S"
     return "%m-%d %H:%M" if step < 86400 else "%Y-%m-%d"
 
 

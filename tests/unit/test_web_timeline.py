@@ -138,3 +138,8 @@ def test_ticks_are_round_utc_times_inside_the_window() -> None:
 def test_window_must_be_ordered() -> None:
     with pytest.raises(ValueError):
         Window(T0, T0)
+
+
+def test_short_windows_get_second_ticks() -> None:
+    found = ticks(T0, T0 + 20, 0, 100)
+    assert 2 <= len(found) <= 8 and all(len(t.label) == 8 for t in found)  # HH:MM:SS
