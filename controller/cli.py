@@ -399,6 +399,10 @@ def audit_verify(as_json: JsonOpt = False) -> None:
 REPORT_FORMATS = ("html", "pdf", "csv", "json")
 
 
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
 @app.command()
 def report(
     since: Annotated[str | None, typer.Option(
@@ -421,7 +425,7 @@ def report(
     """
     if fmt not in REPORT_FORMATS:
         fail(f"--format: {fmt!r} is not one of {', '.join(REPORT_FORMATS)}", EXIT_INPUT)
-    if fmt == "pdf" and output is None and sys.stdout.isatty():
+    if fmt == "pdf" and output is None and stdout_is_terminal():
         fail("a PDF is binary: give --output FILE, or redirect standard output", EXIT_INPUT)
     api = client()
     try:
