@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import json
+from types import MappingProxyType
 from typing import Any
 
 from jinja2 import Environment
@@ -14,8 +15,8 @@ from controller.web.report import Report
 from controller.web.svg import layout, render_svg
 from controller.web.templating import iso
 
-FORMATS = {"html": "text/html; charset=utf-8", "pdf": "application/pdf",
-           "csv": "text/csv; charset=utf-8", "json": "application/json"}
+FORMATS = MappingProxyType({"html": "text/html; charset=utf-8", "pdf": "application/pdf",
+                            "csv": "text/csv; charset=utf-8", "json": "application/json"})
 # A cell starting with one of these is a formula to a spreadsheet; prefixing a quote keeps
 # a hostile reason ("=HYPERLINK(...)") as text (OWASP's advice for CSV injection).
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -39,7 +40,7 @@ from controller.web.window import DEFAULT_SPAN, parse_window
 
 # No script may run on these pages at all (they need none): an injected <script> or
 # event handler that escaped escaping would still be dead. Inline CSS only.
-SECURITY_HEADERS = {
+SECURITY_HEADERS = MappingProxyType({
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
                                "img-src 'self' data:; form-action 'self'; "
                                "frame-ancestors 'none'; base-uri 'none'",
@@ -47,7 +48,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
     "X-Frame-Options": "DENY",
-}
+})
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ QUICK_SPANS = (("last hour", "1h"), ("6 h", "6h"), ("24 h", DEFAULT_SPAN), ("7 d
 
 
 def _page(html: str, status: int = 200) -> HTMLResponse:
-    return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
+    return HTMLResponse(html, status_code=status, headers=dict(SECURITY_HEADERS))
 
 
 def _audit_link(seq: int) -> str:
