@@ -477,6 +477,55 @@ def audit_verify(as_json: JsonOpt = False) -> None:
         raise typer.Exit(EXIT_FAILED)
 
 
+REPORT_FORMATS = ("html", "pdf", "csv", "json")
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+@app.command()
+def report(
+    since: Annotated[str | None, typer.Option(
+        help="Start: 2h, 3d (ago), 2025-07-23, ISO time, epoch. Default: 24 h before --until.")]
+    = None,
+    until: Annotated[str | None, typer.Option(help="End (same forms). Default: now.")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="html, pdf, csv or json.")]
+    = "html",
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write the report to this file (default: standard output; "
+        "a PDF goes to standard output only when it is not a terminal).")] = None,
+) -> None:
+    """The incident report of a time window.
+
+    What was cut, when, by whom and why; what was let through meanwhile (exceptions
+    and how long they were open); how the fleet came back (plan stages); time
+    isolated per gateway; the timeline picture; and the audit verification result
+    with the chain's head hash, so the report can be checked against the audit log
+    later. Every action carries its audit seq. HTML and PDF open offline.
+    """
+    if fmt not in REPORT_FORMATS:
+        fail(f"--format: {fmt!r} is not one of {', '.join(REPORT_FORMATS)}", EXIT_INPUT)
+    if fmt == "pdf" and output is None and stdout_is_terminal():
+        fail("a PDF is binary: give --output FILE, or redirect standard output", EXIT_INPUT)
+    api = client()
+    try:
+        body = api.get_bytes("/v1/report", since=since, until=until, format=fmt)
+    except ClientError as exc:
+        fail(str(exc), exit_code_for(exc))
+    finally:
+        api.close()
+    if output is None:
+        sys.stdout.buffer.write(body)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        output.write_bytes(body)
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror}", EXIT_INPUT)
+    err.print(f"wrote {output} ({len(body)} bytes)", highlight=False)
+
+
 # -- inventory ---------------------------------------------------------------------------
 
 

@@ -50,6 +50,8 @@ from controller.states import GatewayState, Pending, StateStore
 from controller.transport.link import GatewayLink, LinkRegistry, SessionFactory
 from controller.transport.protocol import AgentChange, AgentStatus
 from controller.transport.ssh import AgentSession, load_private_key
+from controller.web.plan_metrics import PlanStageCollector
+from controller.web.sources import AuditPlanSource
 
 log = logging.getLogger("drawbridge.controller")
 
@@ -112,6 +114,7 @@ class Controller:
         key = AuditKey.load_or_create(self.config.audit_key_path)
         self._audit = AuditLog(self.db, key, head_path=self.config.audit_head_path)
         self.metrics.attach(FleetCollector(self._snapshot, self._audit.last_seq))
+        self.metrics.attach(PlanStageCollector(AuditPlanSource(self._audit).latest))
         return self
 
     def close(self) -> None:
