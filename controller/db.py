@@ -247,6 +247,11 @@ class Database:
         self.dialect = self.engine.dialect.name
 
     @property
+    def display_url(self) -> str:
+        """The URL without its password (for messages and logs)."""
+        return normalise_url(self.url).render_as_string(hide_password=True)
+
+    @property
     def is_postgresql(self) -> bool:
         return self.dialect == "postgresql"
 

@@ -37,7 +37,9 @@ def selected_stores(config: pytest.Config) -> tuple[str, ...]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "store_kind" in metafunc.fixturenames:
-        metafunc.parametrize("store_kind", selected_stores(metafunc.config), indirect=True)
+        # session scope: a module-scoped rig (the lab fleet) is built once per store
+        metafunc.parametrize("store_kind", selected_stores(metafunc.config), indirect=True,
+                             scope="session")
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +62,7 @@ def postgres_server() -> Iterator[PostgresServer]:
         server.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def store_kind(request: pytest.FixtureRequest) -> str:
     """Which store this test runs on (parametrized: sqlite, postgresql)."""
     return str(getattr(request, "param", "sqlite"))

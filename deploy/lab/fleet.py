@@ -120,6 +120,7 @@ class FleetRig:
         self.controller: subprocess.Popen[bytes] | None = None
         self.controller_dir = workdir / "controller"
         self.tokens: dict[str, str] = {}
+        self.database_url = ""  # empty: SQLite in the controller's state dir
 
     # -- gateways ---------------------------------------------------------------------------
 
@@ -184,22 +185,33 @@ class FleetRig:
     def controller_config(self) -> Path:
         return self.controller_dir / "controller.toml"
 
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.controller_dir / 'state' / 'controller.db'}"
+
     def write_controller_config(self, *, poll_interval: float = 2.0,
-                                parallelism: int = 64, poll: bool = True) -> None:
+                                parallelism: int = 64, poll: bool = True,
+                                database_url: str = "",
+                                ssh: dict[str, float | int | str] | None = None) -> None:
+        """`database_url`: e.g. a drawbridge_lab.postgres server's (default SQLite);
+        `ssh`: keys of the [ssh] table to set or override."""
         self.controller_dir.mkdir(parents=True, exist_ok=True)
+        self.database_url = database_url
+        ssh_keys = {"connect_timeout": 5, "request_timeout": 120, "backoff_initial": 0.5,
+                    "backoff_max": 2, **(ssh or {})}
+        ssh_table = "\n".join(f"{k} = {json.dumps(v)}" for k, v in ssh_keys.items())
         self.controller_config.write_text(f"""
 state_dir = "{self.controller_dir / 'state'}"
+database_url = "{database_url}"
 log_level = "info"
 
 [api]
 listen = "127.0.0.1:8630"
 
+# request_timeout is generous: in the lab every gateway's agent process starts on the
+# same two CPUs
 [ssh]
-connect_timeout = 5
-# generous: in the lab every gateway's agent process starts on the same two CPUs
-request_timeout = 120
-backoff_initial = 0.5
-backoff_max = 2
+{ssh_table}
 
 [fleet]
 parallelism = {parallelism}

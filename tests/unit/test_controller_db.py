@@ -113,3 +113,9 @@ def test_unreachable_postgresql_is_a_storage_error(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="database error"):
         db.schema_version()
     db.dispose()
+
+
+def test_display_url_hides_the_password() -> None:
+    db = Database("postgresql://drawbridge:s3cret@db.example.net/controller")
+    assert "s3cret" not in db.display_url and "db.example.net" in db.display_url
+    db.dispose()

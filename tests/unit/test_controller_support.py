@@ -168,9 +168,10 @@ OPERATOR = Principal(user="olga", role=Role.operator, token_id="t-op")
 VIEWER = Principal(user="vic", role=Role.viewer, token_id="t-view")
 
 
-def make_config(tmp: Path, **overrides: Any) -> ControllerConfig:
+def make_config(tmp: Path, *, db_url: str, **overrides: Any) -> ControllerConfig:
     data: dict[str, Any] = {
         "state_dir": str(tmp / "state"),
+        "database_url": db_url,
         "ssh": {"backoff_initial": 0.01, "backoff_max": 0.05, "request_timeout": 5},
         "fleet": {"parallelism": 8},
         "poll": {"enabled": False},
@@ -179,9 +180,12 @@ def make_config(tmp: Path, **overrides: Any) -> ControllerConfig:
     return ControllerConfig.model_validate(data)
 
 
-def make_controller(tmp: Path, fakes: FakeFleet, *, keyfile: Path | None = None,
-                    add: bool = True, **overrides: Any) -> Controller:
-    ctl = Controller(make_config(tmp, **overrides), session_factory=fakes.factory).open()
+def make_controller(tmp: Path, fakes: FakeFleet, *, db_url: str,
+                    keyfile: Path | None = None, add: bool = True,
+                    **overrides: Any) -> Controller:
+    """A controller on the store under test (`db_url`, from the parametrized fixture)."""
+    ctl = Controller(make_config(tmp, db_url=db_url, **overrides),
+                     session_factory=fakes.factory).open()
     if add:
         key = keyfile or write_key(tmp)
         for i, name in enumerate(fakes.agents):
