@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import threading
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Annotated, Any
 
@@ -154,8 +153,9 @@ Operator = Annotated[Principal, Depends(_needs(Role.operator))]
 Admin = Annotated[Principal, Depends(_needs(Role.admin))]
 
 
-def _run_stream(run: Callable[[Emit], BaseModel]) -> StreamingResponse:
-    """Run a command on its own thread; stream its events as NDJSON lines."""
+def _run_stream(ctl: Controller, run: Callable[[Emit], BaseModel]) -> StreamingResponse:
+    """Run a command on the controller's bounded stream pool (fleet.stream_workers; more
+    streamed commands at once wait for a worker); stream its events as NDJSON lines."""
     events: queue.Queue[dict[str, Any] | None] = queue.Queue()
 
     def worker() -> None:
@@ -171,7 +171,7 @@ def _run_stream(run: Callable[[Emit], BaseModel]) -> StreamingResponse:
         finally:
             events.put(None)
 
-    threading.Thread(target=worker, name="command", daemon=True).start()
+    ctl.streams.submit(worker)
 
     def lines() -> Iterator[str]:
         while (item := events.get()) is not None:
@@ -268,7 +268,7 @@ def create_app(ctl: Controller) -> FastAPI:
             return ctl.run_command(gateways, action="isolate", op="isolate", actor=p.user,
                                    reason=body.reason, ticket=body.ticket,
                                    args={"profile": body.profile}, emit=emit)
-        return _run_stream(run) if _wants_stream(request) else run(lambda e: None)
+        return _run_stream(ctl, run) if _wants_stream(request) else run(lambda e: None)
 
     @app.post("/v1/restore", response_model=CommandResult | PlanResult, tags=["commands"])
     def restore(body: RestoreBody, p: Admin, request: Request) -> Any:
@@ -291,7 +291,7 @@ def create_app(ctl: Controller) -> FastAPI:
                 return ctl.run_command(gateways, action="restore", op="restore", actor=p.user,
                                        reason=body.reason, ticket=body.ticket, args={},
                                        emit=emit)
-        return _run_stream(run) if _wants_stream(request) else run(lambda e: None)
+        return _run_stream(ctl, run) if _wants_stream(request) else run(lambda e: None)
 
     @app.post("/v1/allow", response_model=CommandResult, tags=["commands"])
     def allow(body: AllowBody, p: Operator, request: Request) -> Any:
@@ -303,7 +303,7 @@ def create_app(ctl: Controller) -> FastAPI:
         def run(emit: Emit) -> CommandResult:
             return ctl.run_command(gateways, action="allow", op="allow", actor=p.user,
                                    reason=body.reason, ticket=body.ticket, args=flow, emit=emit)
-        return _run_stream(run) if _wants_stream(request) else run(lambda e: None)
+        return _run_stream(ctl, run) if _wants_stream(request) else run(lambda e: None)
 
     @app.post("/v1/probe", response_model=CommandResult, tags=["commands"])
     def probe(body: ProbeBody, p: Operator, request: Request) -> Any:
@@ -313,7 +313,7 @@ def create_app(ctl: Controller) -> FastAPI:
             return ctl.run_command(gateways, action="probe", op="probe", actor=p.user,
                                    reason=body.reason or "probe", ticket=None, args={},
                                    emit=emit)
-        return _run_stream(run) if _wants_stream(request) else run(lambda e: None)
+        return _run_stream(ctl, run) if _wants_stream(request) else run(lambda e: None)
 
     # -- history and audit -----------------------------------------------------------------
 

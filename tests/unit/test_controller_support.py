@@ -33,6 +33,7 @@ class FakeAgent:
     reason: str = ""
     verified: bool = True
     delay: float = 0.0
+    status_delay: float = 0.0  # a slow status (a poll that takes long)
     epoch: int = 0  # bumping it kills open sessions (sshd restarted)
     unnoticed: bool = False  # a killed session still looks alive until it is used
     fail: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -63,6 +64,8 @@ class FakeAgent:
         try:
             if self.delay:
                 time.sleep(self.delay)
+            if op == "status" and self.status_delay:
+                time.sleep(self.status_delay)
             with self.lock:
                 self.calls.append((op, args))
                 if op in self.fail:
@@ -113,6 +116,7 @@ class FakeSession:
         self.target = target
         self.host_key_seen: str | None = None
         self.epoch: int | None = None
+        self.lanes: list[str] = []
 
     @property
     def agent(self) -> FakeAgent:
@@ -143,7 +147,9 @@ class FakeSession:
         agent.connects += 1
         self.epoch = agent.epoch
 
-    def request(self, op: str, args: dict[str, Any], *, timeout: float | None = None) -> Any:
+    def request(self, op: str, args: dict[str, Any], *, timeout: float | None = None,
+                lane: str = "command") -> Any:
+        self.lanes.append(lane)
         if not self._really_alive():
             self.epoch = None
             raise TransportError(f"{self.target.name}: the agent session ended",
