@@ -15,7 +15,8 @@ class RecordingNft:
     def apply_file(self, path: str) -> None:
         self.calls.append("apply")
 
-    def read_table(self) -> Facts:
+    def read_table(self, *, elements: bool = True) -> Facts:
+        self.calls.append("read" if elements else "read-terse")
         return Facts(present=False)
 
     def counters(self) -> dict[str, tuple[int, int]]:

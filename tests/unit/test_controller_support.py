@@ -34,6 +34,7 @@ class FakeAgent:
     verified: bool = True
     delay: float = 0.0
     status_delay: float = 0.0  # a slow status (a poll that takes long)
+    plain_status_only: bool = False  # an agent from before `status {"elements": false}`
     epoch: int = 0  # bumping it kills open sessions (sshd restarted)
     unnoticed: bool = False  # a killed session still looks alive until it is used
     fail: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -64,14 +65,18 @@ class FakeAgent:
         try:
             if self.delay:
                 time.sleep(self.delay)
-            if op == "status" and self.status_delay:
-                time.sleep(self.status_delay)
             with self.lock:
                 self.calls.append((op, args))
                 if op in self.fail:
                     code, message = self.fail[op]
                     raise AgentError(f"{self.name}: {message}", code=code)
-                return self._apply(op, args)
+                if op == "status" and args and self.plain_status_only:
+                    raise AgentError(f"{self.name}: status arguments: extra inputs are not "
+                                     "permitted", code="bad_request")
+                answer = self._apply(op, args)
+            if op == "status" and self.status_delay:
+                time.sleep(self.status_delay)  # read first, answered late: like a real one
+            return answer
         finally:
             with self.lock:
                 self.active -= 1
