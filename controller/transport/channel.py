@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import paramiko  # type: ignore[import-untyped]
+import paramiko
 
 from controller.errors import AgentError, TransportError
 from controller.transport.liveness import Heartbeat
@@ -83,11 +83,15 @@ class AgentChannel:
         with self._lock:
             chan = self._chan
             if chan is None:
+                if self._declared_dead():
+                    raise self._dead()
                 raise TransportError(f"{self.where}: not connected", code="connection_lost")
             try:
                 chan.sendall(line if line.endswith(b"\n") else line + b"\n")
             except (OSError, EOFError, paramiko.SSHException) as exc:
                 self.close()
+                if self._declared_dead():
+                    raise self._dead() from None
                 raise TransportError(f"{self.where}: the SSH channel is gone ({exc})",
                                      code="connection_lost") from None
             raw = self._read_line(chan, time.monotonic() + timeout, timeout)
@@ -109,12 +113,8 @@ class AgentChannel:
                     "command may or may not have been applied (the next status poll will tell)",
                     code="timeout")
             if self.heartbeat is not None and self.heartbeat.check():
-                silence = self.heartbeat.silence
                 self.on_dead()
-                raise TransportError(
-                    f"{self.where}: the gateway stopped answering (nothing for {silence:.1f}s, "
-                    "SSH keepalives unanswered): the management link or the gateway is down; "
-                    "the command may or may not have arrived", code="unreachable")
+                raise self._dead()
             chan.settimeout(min(remaining, READ_SLICE))
             try:
                 data = chan.recv(65536)
@@ -122,9 +122,14 @@ class AgentChannel:
                 continue
             except (OSError, EOFError, paramiko.SSHException) as exc:
                 self.close()
+                if self._declared_dead():  # another lane found the peer dead and closed
+                    raise self._dead() from None
                 raise TransportError(f"{self.where}: the SSH channel broke: {exc}",
                                      code="connection_lost") from None
             if not data:
+                if self._declared_dead():
+                    self.close()
+                    raise self._dead()
                 self._drain_stderr(chan)
                 raise self._ended(chan)
             if self.heartbeat is not None:
@@ -136,6 +141,16 @@ class AgentChannel:
                                      code="protocol_error")
         line, _, self._buf = self._buf.partition(b"\n")
         return line
+
+    def _declared_dead(self) -> bool:
+        return self.heartbeat is not None and self.heartbeat.dead
+
+    def _dead(self) -> TransportError:
+        silence = self.heartbeat.silence if self.heartbeat is not None else 0.0
+        return TransportError(
+            f"{self.where}: the gateway stopped answering (nothing for {silence:.1f}s, SSH "
+            "keepalives unanswered): the management link or the gateway is down; the command "
+            "may or may not have arrived", code="unreachable")
 
     def _ended(self, chan: paramiko.Channel) -> TransportError:
         chan.status_event.wait(1.0)  # the exit status follows EOF closely, if it comes

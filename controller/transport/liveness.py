@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import paramiko  # type: ignore[import-untyped]
-from paramiko.common import cMSG_GLOBAL_REQUEST  # type: ignore[import-untyped]
+import paramiko
+from paramiko.common import cMSG_GLOBAL_REQUEST
 
 PROBE_REQUEST = "keepalive@openssh.com"  # unknown to sshd on purpose: it says "failure"
 
@@ -75,6 +75,7 @@ class Heartbeat:
         self._last_probe = float("-inf")
         self._unanswered = 0
         self._answer: threading.Event | None = None
+        self.dead = False  # once declared, for good: every lane then says why
 
     def heard(self) -> None:
         with self._lock:
@@ -93,7 +94,8 @@ class Heartbeat:
             if self._answer is not None and self._answer.is_set():
                 self._answer = None
                 self._last_heard, self._unanswered = now, 0
-            if self.policy.dead(now, self._unanswered, self._last_probe):
+            if self.dead or self.policy.dead(now, self._unanswered, self._last_probe):
+                self.dead = True
                 return True
             if self.policy.due(now, self._last_heard, self._last_probe):
                 self._answer = self.probe()

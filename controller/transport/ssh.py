@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import paramiko  # type: ignore[import-untyped]
+import paramiko
 from pydantic import ValidationError
 
 from controller.config import SshSettings

@@ -93,6 +93,8 @@ class GatewayRig:
     agent: subprocess.Popen[bytes] | None = None
     sshd: subprocess.Popen[bytes] | None = None
     host_key: Path = field(init=False)
+    # > 0: the forced command answers `status` this many seconds late (drawbridge_lab.slowrpc)
+    status_delay: float = 0.0
 
     def __post_init__(self) -> None:
         self.host_key = self.dir / "ssh_host_ed25519_key"
@@ -104,6 +106,10 @@ class GatewayRig:
     @property
     def state_dir(self) -> Path:
         return self.dir / "state"
+
+    @property
+    def status_log(self) -> Path:
+        return self.dir / "status.log"
 
 
 class FleetRig:
@@ -126,7 +132,11 @@ class FleetRig:
 
     def authorized_keys(self, rig: GatewayRig) -> str:
         pub = self.key.with_suffix(".pub").read_text().strip()
-        lines = [f'restrict,command="{AGENT} -c {rig.config} rpc" {pub}']
+        command = f"{AGENT} -c {rig.config} rpc"
+        if rig.status_delay:
+            command = (f"{sys.executable} -m drawbridge_lab.slowrpc --delay {rig.status_delay} "
+                       f"--log {rig.status_log} -- {command}")
+        lines = [f'restrict,command="{command}" {pub}']
         if self.ansible_key is not None:  # the benchmark's unrestricted comparison key
             lines.append(self.ansible_key.with_suffix(".pub").read_text().strip())
         return "\n".join(lines) + "\n"
@@ -147,6 +157,12 @@ class FleetRig:
         rig.sshd = self.lab.start_sshd(
             rig.gw.ns, rig.gw.mgmt_addr4, 22, host_key_path=rig.host_key,
             authorized_keys_path=rig.dir / "authorized_keys", workdir=rig.dir / "sshd")
+
+    def cut_mgmt_link(self, rig: GatewayRig, *, up: bool = False) -> None:
+        """Take the gateway's management interface down (or up again), inside its own
+        namespace: like a pulled cable, no RST, no FIN; the host is not touched."""
+        self.lab.run(rig.gw.ns, ["ip", "link", "set", "dev", rig.gw.mgmt_if,
+                                 "up" if up else "down"])
 
     def stop_sshd(self, rig: GatewayRig) -> None:
         """Like the gateway's sshd going away: the listener and its open sessions."""

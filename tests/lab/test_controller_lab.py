@@ -9,7 +9,6 @@ gateways open, every sshd up with its own host key).
 from __future__ import annotations
 
 import json
-import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,24 +27,10 @@ from drawbridge_lab.fleet import (
     keygen,
     wait_for,
 )
-from drawbridge_lab.postgres import PostgresServer
 from tests.storage import raw_sql
 
 pytestmark = pytest.mark.lab
 N = 5
-
-
-@pytest.fixture(scope="module")
-def database_url(store_kind: str, request: pytest.FixtureRequest) -> Iterator[str]:
-    """Empty for SQLite (the controller's default); a fresh PostgreSQL database else."""
-    if store_kind == "sqlite":
-        yield ""
-        return
-    server: PostgresServer = request.getfixturevalue("postgres_server")
-    name = f"lab_{secrets.token_hex(4)}"
-    url = server.create_database(name)
-    yield url
-    server.drop_database(name)
 
 
 @pytest.fixture(scope="module")
