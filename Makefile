@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := nftables iproute2 openssh-server openssh-client prometheus fping \
-	iptables iputils-ping procps python3-venv
+	iptables iputils-ping procps python3-venv postgresql
 BENCH_APT_PACKAGES := ansible-core curl
 
 .PHONY: help deps venv demo test test-unit test-lab lint bench clean lab-down
@@ -26,6 +26,7 @@ deps: .stamp-apt
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	@# the Debian prometheus package starts a server on :9090; the tests run their own
+	@# (postgresql: only its binaries are used, for a throwaway cluster per test run)
 	@-systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
 	@touch $@
 
