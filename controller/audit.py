@@ -17,6 +17,7 @@ records off the end is detected too.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -33,7 +34,7 @@ from typing import Any
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
-from controller.db import Database
+from controller.db import Database, storable_text
 from controller.errors import ConfigError, StorageError
 
 GENESIS = "0" * 64
@@ -190,6 +191,9 @@ class AuditLog:
         across controllers sharing one PostgreSQL database)."""
         targets = canonical_json(list(event.targets))
         detail = canonical_json(dict(event.detail))
+        # a reason may quote an error from a gateway: stored (and hashed) as both stores
+        # can keep it; everything else here is validated or built by the controller
+        event = dataclasses.replace(event, reason=storable_text(event.reason))
         t = self.table
         with self._lock:
             for attempt in range(5):

@@ -227,6 +227,25 @@ def _sqlite_pragmas(dbapi_conn: Any, record: Any) -> None:
     cur.close()
 
 
+def storable_text(value: str, limit: int | None = None) -> str:
+    """Text as both stores keep it: PostgreSQL refuses NUL characters (SQLite does not)
+    and enforces VARCHAR lengths (SQLite does not). Used where the text comes from
+    outside (a gateway's answers, error messages), never on validated input."""
+    text = value.replace("\x00", "\ufffd")
+    return text[:limit] if limit is not None else text
+
+
+def fit_row(table: sa.Table, row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with every string made storable for its column (see storable_text)."""
+    out = dict(row)
+    for column in table.columns:
+        value = out.get(column.name)
+        if isinstance(value, str):
+            length = getattr(column.type, "length", None)
+            out[column.name] = storable_text(value, length)
+    return out
+
+
 def normalise_url(url: str) -> sa.URL:
     """Parse a database URL; a PostgreSQL URL without a driver uses psycopg 3 (the one
     the controller ships with), not SQLAlchemy's default psycopg2."""

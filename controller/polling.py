@@ -115,6 +115,21 @@ class Polls:
         self.ctl.states.modify(seen.name, unless_newer)
         return written
 
+    def _forget(self, name: str, pending: Pending) -> bool:
+        """Drop `pending` unless a newer command replaced it since it was read (its own
+        pending must survive). True if dropped."""
+        dropped = False
+
+        def if_still(current: GatewayState) -> dict[str, Any] | None:
+            nonlocal dropped
+            if current.pending is None or current.pending.command_id != pending.command_id:
+                return None
+            dropped = True
+            return {"pending": None}
+
+        self.ctl.states.modify(name, if_still)
+        return dropped
+
     def record_events(self, gw: Gateway, events: list[StateEvent]) -> None:
         for ev in events:
             self.ctl.record(AuditEvent(actor=SYSTEM_ACTOR, action=f"state.{ev.kind}",
@@ -131,14 +146,15 @@ class Polls:
             if p is None or not reach.get(gw.name) or ctl.in_flight(p.command_id):
                 continue  # nothing owed, still down, or being delivered right now
             if now - p.accepted_at > ctl.config.fleet.pending_ttl_seconds:
-                ctl.states.update(gw.name, pending=None)
+                if not self._forget(gw.name, p):
+                    continue
                 self.record_events(gw, [StateEvent(
                     "pending_expired", f"{gw.name}: gave up {p.action} accepted "
                     f"{now - p.accepted_at:.0f}s ago (command {p.command_id}); it was never "
                     "delivered", {"command_id": p.command_id})])
                 continue
             if p.delivered(st):
-                ctl.states.update(gw.name, pending=None)
+                self._forget(gw.name, p)
                 continue
             batches.setdefault(p.command_id, (p, []))[1].append(gw)
         for p, members in batches.values():

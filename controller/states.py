@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from controller.db import Database
+from controller.db import Database, fit_row
 
 
 class Pending(BaseModel):
@@ -121,7 +121,9 @@ class StateStore:
         new = GatewayState.model_validate({**old.model_dump(), **changes, "name": old.name,
                                            "row_version": old.row_version + 1})
         t = self.table
-        conn.execute(t.update().where(t.c.name == old.name).values(**_to_row(new)))
+        # what a gateway reported may be longer than a column or hold NUL characters
+        # (PostgreSQL refuses both, SQLite would not notice): stored fitted
+        conn.execute(t.update().where(t.c.name == old.name).values(**fit_row(t, _to_row(new))))
         return new
 
     def get(self, name: str) -> GatewayState:

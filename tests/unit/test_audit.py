@@ -160,3 +160,10 @@ def test_records_are_canonical_json(log: AuditLog, db_url: str) -> None:
     ((detail,),) = sql(db_url, "SELECT detail FROM audit_log")
     assert detail == '{"a":[2],"b":1}'
     assert json.loads(detail) == {"a": [2], "b": 1}
+
+
+def test_reason_with_a_nul_character_is_stored_and_verifies(log: AuditLog) -> None:
+    log.append(AuditEvent(actor="controller", action="state.unreachable", outcome="observed",
+                          reason="agent said: \x00garbage"))
+    assert log.query(HistoryQuery())[0].reason == "agent said: \ufffdgarbage"
+    assert log.verify().ok

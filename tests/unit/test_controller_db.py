@@ -119,3 +119,18 @@ def test_display_url_hides_the_password() -> None:
     db = Database("postgresql://drawbridge:s3cret@db.example.net/controller")
     assert "s3cret" not in db.display_url and "db.example.net" in db.display_url
     db.dispose()
+
+
+def test_what_gateways_report_is_stored_fitted(db_url: str) -> None:
+    """Over-long and NUL-carrying text from a gateway: PostgreSQL would refuse it."""
+    from controller.states import StateStore
+
+    db = Database(db_url)
+    db.migrate()
+    states = StateStore(db)
+    states.update("gw", gw_actor="a" * 300, gw_reason="x\x00y", last_error="e\x00",
+                  profile="p" * 100)
+    got = states.get("gw")
+    assert got.gw_actor == "a" * 128 and got.profile == "p" * 63
+    assert (got.gw_reason, got.last_error) == ("x\ufffdy", "e\ufffd")
+    db.dispose()
