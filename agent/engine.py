@@ -451,10 +451,12 @@ class Engine:
             verdict = with_bypass(checked, found, accepted=False)
             self.store.save(state.model_copy(update={"verification": verdict}))
 
-    def status(self) -> Status:
+    def status(self, *, elements: bool = True) -> Status:
+        """`elements=False`: the terse read-back (chains, rules, sets, not their contents),
+        for the controller's frequent polls; the reconcile loop compares contents."""
         state = self.store.load()
         policy = self.policy_for(state)
-        full = policy is None or policy.element_count() <= STATUS_FULL_READ_LIMIT
+        full = elements and (policy is None or policy.element_count() <= STATUS_FULL_READ_LIMIT)
         problems = self._compare(policy, elements=full)
         return Status(
             gateway=self.config.gateway, state="isolated" if state.isolated else "open",
