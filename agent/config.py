@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from agent.errors import ConfigError
+from agent.wire import DEFAULT_STATE_DIR
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Proto = Literal["tcp", "udp", "icmp"]
@@ -334,7 +335,7 @@ class AgentConfig(_Model):
     internal_networks: tuple[Network, ...] = Field(min_length=1)
     # where the internal networks live: their addresses are believed there and only there
     internal_interfaces: tuple[IfName, ...] = Field(min_length=1)
-    state_dir: Path = Path("/var/lib/drawbridge")
+    state_dir: Path = DEFAULT_STATE_DIR
     reconcile_interval: float = Field(default=5.0, gt=0, le=3600)
     # between full checks, drift checks compare structure only (chains, rules, sets)
     full_check_interval: float = Field(default=60.0, ge=0, le=86400)

@@ -115,7 +115,7 @@ class RenderRequest(BaseModel):
 
 
 Op = Literal["ping", "status", "isolate", "restore", "allow", "exceptions", "extend", "revoke",
-             "render", "probe", "journal"]
+             "render", "probe", "journal", "checkpoint"]
 
 
 def parse_duration(text: str) -> int:
