@@ -103,6 +103,6 @@ def test_a_state_file_of_a_newer_agent_is_refused_and_an_old_one_migrated(
     assert (state.profile, state.generation, state.format) == ("full", 4, STATE_FORMAT)
     newer = json.dumps({"format": STATE_FORMAT + 1, "profile": "full", "future": True})
     store.state_path.write_text(newer)
-    with pytest.raises(StateError, match="newer agent.*Upgrade the agent"):
+    with pytest.raises(StateError, match=r"newer agent.*Upgrade the agent"):
         store.load()
     assert store.state_path.read_text() == newer  # left as it is
