@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from agent.errors import ConfigError
+from agent.text import FreeText
 from agent.wire import DEFAULT_STATE_DIR
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -175,7 +176,7 @@ class InfraFlow(_Model):
     interface: IfName | None = None
     local_ports: tuple[PortRange, ...] = ()
     remote_ports: tuple[PortRange, ...] = ()
-    description: str = Field(default="", max_length=500)
+    description: FreeText = ""
 
     @model_validator(mode="after")
     def _check(self) -> InfraFlow:
@@ -204,7 +205,7 @@ class Profile(_Model):
 
     base: Literal["internet", "full"] = "internet"
     allow: tuple[FlowRule, ...] = ()
-    description: str = Field(default="", max_length=500)
+    description: FreeText = ""
 
 
 class MetricsConfig(_Model):
@@ -340,6 +341,9 @@ class AgentConfig(_Model):
     # between full checks, drift checks compare structure only (chains, rules, sets)
     full_check_interval: float = Field(default=60.0, ge=0, le=86400)
     probe_interval: float = Field(default=15.0, gt=0, le=86400)  # seconds between sweeps
+    # management `host =` entries: looked up on this schedule, outside the lock
+    resolve_interval: float = Field(default=60.0, gt=0, le=86400)
+    resolve_timeout: float = Field(default=2.0, gt=0, le=30)
     metrics: MetricsConfig = MetricsConfig()
     management: tuple[ManagementEntry, ...] = ()
     infrastructure: tuple[InfraFlow, ...] = ()

@@ -12,9 +12,7 @@ it or none of it, and the reconcile loop converges on the desired state.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
-import socket
 import tempfile
 import time
 import uuid
@@ -22,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent import exceptions
-from agent.config import AgentConfig, FlowRule, IPNetwork
+from agent.config import AgentConfig, FlowRule
 from agent.errors import DrawbridgeError, InputError, NftError
 from agent.nft.facts import EXPIRY_SLACK_SECONDS, Facts, canonical, compare, flow_key
 from agent.nft.offload import bypasses, cut_offloaded
@@ -44,6 +42,7 @@ from agent.requests import (
     RestoreRequest,
     RevokeRequest,
 )
+from agent.resolve import ManagementHosts
 from agent.results import (
     ChangeResult,
     EngineStats,
@@ -69,15 +68,6 @@ def _who(req: ChangeRequest, ref: RequestRef | None) -> dict[str, Any]:
             **(ref.journal_fields() if ref else {})}
 
 
-def resolve_host(host: str) -> tuple[IPNetwork, ...]:
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
-        raise InputError(f"management host {host!r} does not resolve: {exc.strerror}") from None
-    addrs = sorted({str(info[4][0]).split("%")[0] for info in infos})
-    return tuple(ipaddress.ip_network(a) for a in addrs)
-
-
 class Engine:
     def __init__(
         self,
@@ -86,7 +76,7 @@ class Engine:
         nft: Nft | None = None,
         verifier: Verifier = readback_only,
         clock: Callable[[], float] = time.time,
-        resolver: Callable[[str], tuple[IPNetwork, ...]] = resolve_host,
+        hosts: ManagementHosts | None = None,
         on_apply: Callable[[float], None] | None = None,
         references: Callable[[str], Facts] | None = None,
     ) -> None:
@@ -95,29 +85,17 @@ class Engine:
         self.store = StateStore(config.state_dir)
         self.verifier = verifier
         self.clock = clock
-        self.resolver = resolver
+        self.hosts = hosts or ManagementHosts(
+            [m.host for m in config.management if m.host], state_dir=config.state_dir,
+            timeout=config.resolve_timeout)
         self.on_apply = on_apply
         self.stats = EngineStats()
-        self._resolved: dict[str, tuple[IPNetwork, ...]] = {}
         self._compiled: dict[str, CompiledProfile] = {}
         self._element_text = TextMemo()
         self._references = references or References()
         self._last_full_check = float("-inf")
 
     # -- policy --------------------------------------------------------------------------
-
-    def _resolve_management(self) -> dict[str, tuple[IPNetwork, ...]]:
-        """Resolve management hostnames before any rule is built; keep the last good answer
-        so a DNS outage during isolation cannot lock the controller out."""
-        for entry in self.config.management:
-            if entry.host is None:
-                continue
-            try:
-                self._resolved[entry.host] = self.resolver(entry.host)
-            except InputError:
-                if entry.host not in self._resolved:
-                    raise
-        return dict(self._resolved)
 
     def policy_for(self, state: DesiredState) -> Policy | None:
         if state.profile is None:
@@ -127,7 +105,7 @@ class Engine:
         return build_policy(
             self.config, state.profile,
             exceptions=[e.spec() for e in state.exceptions],
-            resolved_hosts=self._resolve_management(), now=self.clock(),
+            resolved_hosts=self.hosts.answers(), now=self.clock(),
             compiled=self._compiled[state.profile],
         )
 
@@ -512,4 +490,6 @@ class Engine:
             in_sync=not problems, problems=tuple(problems), verification=state.verification,
             exceptions=state.live_exceptions(self.clock()), generation=state.generation,
             drift_repairs=self.stats.drift_repairs, bypass=self._bypasses(),
+            unresolved=tuple(f"management host {h}: {e}"
+                             for h, e in sorted(self.hosts.failures().items())),
         )

@@ -19,4 +19,5 @@ def direct_dispatcher(config_path: Path) -> Dispatcher:
     config = load_config(config_path)
     probes = ProbeService(config.probes)
     engine = Engine(config, verifier=verifier_for(config, probes))
+    engine.hosts.refresh()  # before any lock is taken: a lookup may hang on a cut resolver
     return Dispatcher(engine, probe=probe_handler(config, probes))

@@ -82,6 +82,7 @@ class Status(BaseModel):
     generation: int
     drift_repairs: int
     bypass: tuple[str, ...] = ()
+    unresolved: tuple[str, ...] = ()  # management hostnames whose lookup fails (resolve.py)
 
 
 class Phases:

@@ -47,7 +47,7 @@ def call(d: Dispatcher, obj: Any) -> dict[str, Any]:
         (b'{"v": 1, "op": "allow", "args": {"cidr": "10.0.0.0/8", "proto": "tcp", '
          b'"duration_seconds": -5, "reason": "x"}}', "bad_request", "duration_seconds"),
         (b'{"v": 1, "op": "restore", "args": {"reason": "a\\nb"}}', "bad_request",
-         "control characters"),
+         "control or bidi"),
         (b'{"v": 1, "op": "status", "args": {"extra": 1}}', "bad_request", "extra"),
         (b'{"v": 1, "id": "' + b"x" * 100 + b'", "op": "status"}', "bad_request", "id"),
     ],
