@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +46,9 @@ class AgentChannel:
         self._buf = b""
         self._stderr = b""
         self._ids = itertools.count(1)
+        # the agent answers a request id it has seen with its first answer: ids must
+        # never repeat across channels, sessions or controller restarts
+        self._nonce = secrets.token_hex(6)
         self._lock = threading.Lock()
 
     @property
@@ -60,7 +64,7 @@ class AgentChannel:
 
     def request(self, op: str, args: dict[str, Any], *, timeout: float | None = None) -> Any:
         """Send one request, return its result; AgentError if the agent refused it."""
-        req = RpcRequest(id=f"c{next(self._ids)}", op=op, args=args)
+        req = RpcRequest(id=f"c{self._nonce}-{next(self._ids)}", op=op, args=args)
         line = req.encode()
         if len(line) > MAX_REQUEST_BYTES:
             raise AgentError(f"{self.where}: request of {len(line)} bytes exceeds the "
