@@ -29,11 +29,13 @@ deps: .stamp-apt
 	@-systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
 	@touch $@
 
+# The project with the controller extra and the dev tools, and the namespace lab (its own
+# package, never in the production wheel), both editable.
 venv: $(BIN)/.installed
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml deploy/lab/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[controller,dev]' -e ./deploy/lab
 	@touch $@
 
 demo: deps venv

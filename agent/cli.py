@@ -27,6 +27,7 @@ from agent.errors import DrawbridgeError
 from agent.localsock import LocalClient
 from agent.requests import parse_duration
 from agent.rpc import Dispatcher, encode, read_lines
+from agent.version import version_callback
 
 DEFAULT_CONFIG = Path("/etc/drawbridge/agent.toml")
 EXIT_BY_CODE = {"bad_request": 2, "bad_json": 2, "too_large": 2, "config_error": 2,
@@ -129,6 +130,9 @@ def main_options(
     config: Annotated[Path, typer.Option(
         "--config", "-c", envvar="DRAWBRIDGE_AGENT_CONFIG",
         help="Agent config (TOML).")] = DEFAULT_CONFIG,
+    _version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=version_callback("drawbridge-agent"),
+        help="Print the version and exit.")] = False,
 ) -> None:
     ctx.obj = Ctx(config)
 

@@ -1,0 +1,105 @@
+"""The production wheel in fresh venvs: `drawbridge` is the agent and only the agent's
+dependencies; `drawbridge[controller]` adds the controller; `--version` everywhere.
+
+Installs run offline from the session's wheelhouse (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+AGENT_DEPENDENCIES = {"pydantic", "typer", "rich", "apscheduler", "prometheus-client", "scapy"}
+NOT_ON_A_GATEWAY = {"fastapi", "uvicorn", "starlette", "sqlalchemy", "alembic", "psycopg",
+                    "psycopg2", "psycopg-binary", "paramiko", "httpx", "drawbridge-lab"}
+
+
+def fresh_venv(path: Path, wheelhouse: Path, requirement: str) -> Path:
+    """A venv with only `requirement` (and what it pulls in) installed; returns its bin/."""
+    # without pip of its own: this venv's pip installs into it (--python), which saves
+    # seconds of ensurepip per venv
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(path / "bin" / "python"),
+                    "install", "-q", "--no-index", "--find-links", str(wheelhouse), requirement],
+                   check=True, capture_output=True, text=True)
+    return path / "bin"
+
+
+def installed(bin_dir: Path) -> set[str]:
+    code = ("import importlib.metadata as m, json, re; print(json.dumps(sorted("
+            "re.sub(r'[-_.]+', '-', d.metadata['Name']).lower() for d in m.distributions())))")
+    out = subprocess.run([bin_dir / "python", "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    return set(json.loads(out))
+
+
+def run(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+@pytest.fixture(scope="module")
+def agent_venv(wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fresh_venv(tmp_path_factory.mktemp("agent") / "venv", wheelhouse, "drawbridge")
+
+
+@pytest.fixture(scope="module")
+def controller_venv(wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fresh_venv(tmp_path_factory.mktemp("controller") / "venv", wheelhouse,
+                      "drawbridge[controller]")
+
+
+def test_agent_install_has_only_the_agents_dependencies(agent_venv: Path) -> None:
+    dists = installed(agent_venv)
+    assert AGENT_DEPENDENCIES | {"drawbridge"} <= dists
+    assert not dists & NOT_ON_A_GATEWAY, f"pulled onto a gateway: {dists & NOT_ON_A_GATEWAY}"
+
+
+def test_agent_runs_from_the_agent_only_install(agent_venv: Path) -> None:
+    proc = run(agent_venv / "drawbridge-agent", "--version")
+    assert (proc.returncode, proc.stdout) == (0, f"drawbridge-agent {VERSION}\n"), proc.stderr
+    # every agent module imports with the agent's dependencies alone
+    code = ("import importlib, pkgutil, agent\n"
+            "for m in pkgutil.walk_packages(agent.__path__, 'agent.'):\n"
+            "    importlib.import_module(m.name)\n")
+    proc = run(agent_venv / "python", "-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert run(agent_venv / "drawbridge-agent", "--help").returncode == 0
+
+
+@pytest.mark.parametrize("script", ["drawbridge", "drawbridge-controller"])
+def test_controller_scripts_without_the_extra_say_what_to_install(
+        agent_venv: Path, script: str) -> None:
+    proc = run(agent_venv / script, "--version")
+    assert proc.returncode == 1
+    assert "drawbridge[controller]" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_controller_extra_runs_both_commands(controller_venv: Path) -> None:
+    assert {"fastapi", "uvicorn", "sqlalchemy", "alembic", "paramiko", "httpx"} \
+        <= installed(controller_venv)
+    assert "drawbridge-lab" not in installed(controller_venv)
+    for script in ("drawbridge-controller", "drawbridge", "drawbridge-agent"):
+        proc = run(controller_venv / script, "--version")
+        assert (proc.returncode, proc.stdout) == (0, f"{script} {VERSION}\n"), proc.stderr
+
+
+def test_units_documentation_is_installed(agent_venv: Path) -> None:
+    """The units' Documentation= points into the documented venv: the wheel puts it there."""
+    venv = agent_venv.parent
+    for unit in (ROOT / "deploy" / "systemd").glob("*.service"):
+        docs = [line.split("=", 1)[1] for line in unit.read_text().splitlines()
+                if line.startswith("Documentation=")]
+        assert docs, unit
+        for uri in docs:
+            assert uri.startswith("file:///opt/drawbridge/venv/"), uri
+            path = venv / uri.removeprefix("file:///opt/drawbridge/venv/")
+            assert path.is_file(), f"{unit.name}: {uri} is not installed by the wheel"
