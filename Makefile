@@ -4,9 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := nftables iproute2 openssh-server openssh-client prometheus fping \
+APT_PACKAGES := nftables iproute2 openssh-server openssh-client prometheus fping ansible-core \
 	iptables iputils-ping procps python3-venv
-BENCH_APT_PACKAGES := ansible-core curl
+BENCH_APT_PACKAGES := curl
 
 .PHONY: help deps venv demo test test-unit test-lab lint bench clean lab-down
 

@@ -105,3 +105,13 @@ def make_wheelhouse(projects: Sequence[Path], roots: Iterable[str], dest: Path,
     own = [path.name.split("-", 1)[0] for path in built]
     wheels = [repack(dist, dest, scratch) for dist in dependency_closure(roots, exclude=own)]
     return built + wheels
+
+
+def subset(wheelhouse: Path, roots: Iterable[str], dest: Path) -> list[Path]:
+    """Copy to `dest` the wheels of `wheelhouse` that `roots` need (what a gateway gets)."""
+    roots = list(roots)
+    names = {canonicalize_name(Requirement(root).name) for root in roots}
+    names |= {canonicalize_name(d.metadata["Name"]) for d in dependency_closure(roots)}
+    dest.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy2(whl, dest)) for whl in sorted(wheelhouse.glob("*.whl"))
+            if canonicalize_name(whl.name.split("-", 1)[0]) in names]
