@@ -8,13 +8,14 @@ APT_PACKAGES := nftables iproute2 openssh-server openssh-client prometheus fping
 	iptables iputils-ping procps python3-venv
 BENCH_APT_PACKAGES := curl
 
-.PHONY: help deps venv demo test test-unit test-lab lint bench clean lab-down
+.PHONY: help deps venv demo test test-unit test-lab lint bench clean lab-down wheelhouse
 
 help:
 	@echo "make demo   - isolation drill in a throwaway namespace lab (root)"
 	@echo "make test   - unit + lab tests (root)"
 	@echo "make lint   - ruff + mypy"
 	@echo "make bench  - benchmarks, results in BENCHMARKS.md format"
+	@echo "make wheelhouse - the agent's wheel and every dependency in dist/wheelhouse (for offline gateways)"
 
 deps: .stamp-apt
 .stamp-apt: Makefile
@@ -61,8 +62,16 @@ bench: deps venv
 	done
 	$(BIN)/python -m bench
 
+# What a gateway without internet access installs from (deploy/ansible: drawbridge_agent_wheelhouse):
+# drawbridge's wheel and the wheels of all its dependencies, fetched from the index.
+# build/ goes first: setuptools would pack files left there by an older tree.
+wheelhouse: venv
+	rm -rf build dist/wheelhouse
+	$(BIN)/pip wheel -q -w dist/wheelhouse .
+	@ls dist/wheelhouse
+
 lab-down: venv
 	$(BIN)/drawbridge-lab down --all
 
 clean:
-	rm -rf $(VENV) .stamp-apt .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .stamp-apt .pytest_cache .mypy_cache .ruff_cache build dist
