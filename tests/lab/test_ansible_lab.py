@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -107,9 +108,10 @@ def role_vars(site: Site, wheels: Path, **overrides: Any) -> dict[str, Any]:
     return {**values, **overrides}
 
 
-def run_playbook(site: Site, wheels: Path, run: int,
-                 **overrides: Any) -> tuple[dict[str, int], str]:
-    """ansible-playbook from the management namespace; the PLAY RECAP of the gateway and the log."""
+def run_playbook(site: Site, wheels: Path, run: int, *, source: str = ADMIN_ADDR,
+                 succeed: bool = True, **overrides: Any) -> tuple[dict[str, int], str]:
+    """ansible-playbook from `source` in the management namespace: the gateway's PLAY RECAP
+    and the log. `succeed`: assert that the play succeeded."""
     gw = site.gw
     host = {
         "ansible_host": gw.mgmt_addr4,
@@ -118,7 +120,7 @@ def run_playbook(site: Site, wheels: Path, run: int,
         "ansible_ssh_private_key_file": str(site.admin_key),
         "ansible_ssh_common_args": (
             f"-o UserKnownHostsFile={site.path('known_hosts')} -o StrictHostKeyChecking=yes "
-            f"-o IdentitiesOnly=yes -o BindAddress={ADMIN_ADDR}"),
+            f"-o IdentitiesOnly=yes -o BindAddress={source}"),
         **role_vars(site, wheels, **overrides),
     }
     inventory = site.path(f"inventory-{run}.json")  # JSON is YAML: the yaml plugin reads it
@@ -142,10 +144,12 @@ def run_playbook(site: Site, wheels: Path, run: int,
         "env", *(f"{k}={v}" for k, v in env.items()),
         "ansible-playbook", "-i", str(inventory), str(PLAYBOOK)],
         check=False, timeout=300, input="")  # Ansible wants a blocking stdin of its own
+    shutil.rmtree(control_dir, ignore_errors=True)
     log = proc.stdout + proc.stderr + f"\n[run {run}: {time.monotonic() - started:.1f} s]\n"
     site.path(f"ansible-{run}.log").write_text(log)
     recap = {m["host"]: m for m in RECAP.finditer(proc.stdout)}.get(gw.name)
-    assert recap is not None and proc.returncode == 0, f"ansible-playbook run {run}:\n{log[-6000:]}"
+    assert recap is not None, f"ansible-playbook run {run}:\n{log[-6000:]}"
+    assert not succeed or proc.returncode == 0, f"ansible-playbook run {run}:\n{log[-6000:]}"
     return {k: int(v) for k, v in recap.groupdict().items() if k != "host"}, log
 
 
@@ -211,6 +215,13 @@ def test_ansible_installs_the_agent_and_the_controller_drives_it(
     wheels = site.path("wheels")
     subset(wheelhouse, ["drawbridge"], wheels)  # what a gateway gets: the agent's wheels
     assert lab.tcp_ok(gw.internal_ns, lab.outside_addr4, OUTSIDE_PORT)
+
+    # -- Ansible logging in as root from the controller's address would lock itself out
+    # with the drop-in: the role stops before it changes anything
+    refused, log = run_playbook(site, wheels, 0, source=lab.mgmt_addr4, succeed=False)
+    assert (refused["changed"], refused["failed"]) == (0, 1), refused
+    assert "would lock itself out" in log, log[-3000:]
+    assert not site.path("opt").exists() and not site.path("etc/ssh").exists()
 
     # -- first run: installs everything and prints the fingerprint to pin
     first, log = run_playbook(site, wheels, 1)
