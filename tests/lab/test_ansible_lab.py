@@ -242,7 +242,9 @@ def test_ansible_installs_the_agent_and_the_controller_drives_it(
     # -- the handler's reload; then root from the controller's address gets no shell, the
     # administrator still does (and Ansible, below)
     reload_sshd(site)
-    assert admin_ssh(site, lab.mgmt_addr4).returncode == 255
+    refused_shell = admin_ssh(site, lab.mgmt_addr4)
+    assert refused_shell.returncode == 255 and "Permission denied" in refused_shell.stderr, \
+        refused_shell.stderr
     assert admin_ssh(site, ADMIN_ADDR).stdout.strip() == "shell"
 
     argv = start_agent_like_the_unit(site)
