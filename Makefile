@@ -4,9 +4,17 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := nftables iproute2 openssh-server openssh-client prometheus fping ansible-core \
-	iptables iputils-ping procps python3-venv
-BENCH_APT_PACKAGES := curl
+APT_PACKAGES := nftables iproute2 openssh-server openssh-client prometheus fping conntrack \
+	iptables iputils-ping procps python3-venv ansible-core \
+	chromium poppler-utils fonts-dejavu-core
+# conntrack: the agent tears down offloaded connections; ansible-core: the Ansible role's
+# tests (deploy/ansible); chromium: the page's browser tests (driven by Playwright's pip
+# package; no browser is ever downloaded); poppler-utils: pdftotext reads the PDF report
+# back; fonts-dejavu-core: the PDF's font
+BENCH_APT_PACKAGES := curl iperf3
+# Playwright's pip package never downloads a browser by itself; say so anyway (Debian's
+# chromium is used, see tests/lab/browser.py)
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 .PHONY: help deps venv demo test test-unit test-lab lint bench clean lab-down wheelhouse
 

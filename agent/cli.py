@@ -116,8 +116,9 @@ def print_change(result: dict[str, Any], as_json: bool) -> None:
                   f"{verification['status']}", highlight=False)
         for problem in result.get("problems", []):
             out.print(f"  ! {problem}", highlight=False)
-        for name in verification.get("failing", []):
-            out.print(f"  ! probe failing: {name}", highlight=False)
+        for line in verification.get("detail", []) or [
+                f"failing: {name}" for name in verification.get("failing", [])]:
+            out.print(f"  ! {line}", highlight=False)
         if result.get("note"):
             out.print(f"  note: {result['note']}", highlight=False)
     if not result["in_sync"] or verification["status"] == "unverified":
@@ -178,30 +179,107 @@ def restore(
     print_change(result_or_exit(ctx.obj.call("restore", args)), as_json)
 
 
-@app.command()
-def allow(
-    ctx: typer.Context,
-    cidr: Annotated[str, typer.Option(help="Remote network, e.g. 203.0.113.0/24.")],
-    proto: Annotated[str, typer.Option(help="tcp, udp or icmp.")],
-    reason: Annotated[str, typer.Option(help="Why (kept in the journal).")],
-    duration: Annotated[str, typer.Option("--for", help="Lifetime: 90s, 15m, 4h, 2d.")],
-    port: Annotated[list[str] | None, typer.Option(
-        help="Port or range (repeatable); none = all ports.")] = None,
-    direction: Annotated[str, typer.Option(help="out, in or both.")] = "both",
-    actor: Annotated[str | None, typer.Option(help="Who (default: USER@console).")] = None,
-    ticket: Annotated[str | None, typer.Option(help="Ticket id.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
-) -> None:
-    """Open one flow while isolated; the kernel closes it at expiry, agent or not."""
+allow_app = typer.Typer(
+    help="Exceptions: open one exact flow while isolated, until it expires by itself. "
+    "Without a subcommand, opens one (--cidr, --proto, --port, --for, --reason).",
+    rich_markup_mode=None,
+)
+app.add_typer(allow_app, name="allow")
+ActorOpt = Annotated[str | None, typer.Option(help="Who (default: USER@console).")]
+TicketOpt = Annotated[str | None, typer.Option(help="Ticket id.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="JSON output.")]
+
+
+def _seconds(duration: str) -> int:
     try:
-        seconds = parse_duration(duration)
+        return parse_duration(duration)
     except ValueError as exc:
         fail(f"--for: {exc}", 2)
+
+
+@allow_app.callback(invoke_without_command=True)
+def allow(
+    ctx: typer.Context,
+    cidr: Annotated[str | None, typer.Option(help="One remote network, e.g. 203.0.113.0/24.")]
+    = None,
+    proto: Annotated[str | None, typer.Option(help="tcp, udp or icmp (echo).")] = None,
+    reason: Annotated[str | None, typer.Option(help="Why (kept in the journal).")] = None,
+    duration: Annotated[str | None, typer.Option("--for", help="Lifetime: 90s, 15m, 4h, 2d.")]
+    = None,
+    port: Annotated[list[str] | None, typer.Option(
+        help="Port or range (repeatable; required for tcp and udp).")] = None,
+    direction: Annotated[str, typer.Option(
+        help="out: inside/gateway to the network (default); in: the network to the inside; "
+        "both.")] = "out",
+    actor: ActorOpt = None,
+    ticket: TicketOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Open one flow while isolated; the kernel closes it at expiry, agent or not."""
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [name for name, value in (("--cidr", cidr), ("--proto", proto),
+                                        ("--for", duration), ("--reason", reason))
+               if value is None]
+    if missing:
+        fail(f"allow needs {', '.join(missing)} (or a subcommand: list, extend, revoke)", 2)
+    assert duration is not None
     ports: list[Any] = [int(p) if p.isdigit() else p for p in port or []]
     args = {"cidr": cidr, "proto": proto, "ports": ports, "direction": direction,
-            "duration_seconds": seconds, "reason": reason, "actor": actor or default_actor(),
-            "ticket": ticket}
+            "duration_seconds": _seconds(duration), "reason": reason,
+            "actor": actor or default_actor(), "ticket": ticket}
     print_change(result_or_exit(ctx.obj.call("allow", args)), as_json)
+
+
+@allow_app.command("list")
+def allow_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """The live exceptions, with their ids and remaining lifetime."""
+    result = result_or_exit(ctx.obj.call("exceptions", {}))
+    if as_json:
+        out.print_json(data=result)
+        return
+    table = Table("id", "flow", "direction", "until", "left", "by", "reason")
+    for e in result["exceptions"]:
+        table.add_row(e["id"], _flow_text(e["flow"]), e["flow"]["direction"],
+                      _when(e["expires_at"]), f"{e['remaining_seconds']}s", e["actor"],
+                      e["reason"])
+    out.print(table)
+
+
+@allow_app.command("extend")
+def allow_extend(
+    ctx: typer.Context,
+    exception_id: Annotated[str, typer.Argument(metavar="ID", help="From `allow list`.")],
+    duration: Annotated[str, typer.Option("--for", help="New lifetime from now: 2h, 1d.")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the journal).")],
+    actor: ActorOpt = None,
+    ticket: TicketOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Give a live exception a new lifetime, counted from now."""
+    args = {"id": exception_id, "duration_seconds": _seconds(duration), "reason": reason,
+            "actor": actor or default_actor(), "ticket": ticket}
+    print_change(result_or_exit(ctx.obj.call("extend", args)), as_json)
+
+
+@allow_app.command("revoke")
+def allow_revoke(
+    ctx: typer.Context,
+    exception_id: Annotated[str, typer.Argument(metavar="ID", help="From `allow list`.")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the journal).")],
+    actor: ActorOpt = None,
+    ticket: TicketOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Close a live exception now."""
+    args = {"id": exception_id, "reason": reason, "actor": actor or default_actor(),
+            "ticket": ticket}
+    print_change(result_or_exit(ctx.obj.call("revoke", args)), as_json)
+
+
+def _flow_text(flow: dict[str, Any]) -> str:
+    ports = ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in flow["ports"]) or "echo"
+    return f"{flow['cidr']} {flow['proto']}/{ports}"
 
 
 @app.command()
@@ -231,10 +309,11 @@ def _print_status(s: dict[str, Any]) -> None:
                                                   if v.get("checked_at") else ""))
     for line in v.get("detail", []) or [f"failing: {n}" for n in v.get("failing", [])]:
         table.add_row("", f"! {line}")
+    for line in s.get("bypass", []):
+        table.add_row("", f"! bypass: {line}")
     for exc in s["exceptions"]:
         flow = exc["flow"]
-        ports = ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in flow["ports"]) or "all"
-        table.add_row("exception", f"{flow['cidr']} {flow['proto']}/{ports} {flow['direction']} "
+        table.add_row("exception", f"{exc['id']} {_flow_text(flow)} {flow['direction']} "
                       f"until {_when(exc['expires_at'])} ({exc['actor']}: {exc['reason']})")
     out.print(table)
 

@@ -33,6 +33,8 @@ BUILTIN_PROFILES = ("internet", "full")
 RESERVED_PROFILE_NAMES = (*BUILTIN_PROFILES, "open")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# Linux interface names: at most 15 bytes; a trailing '*' matches a family (vlan*, ppp*).
+IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,14}$|^[A-Za-z0-9][A-Za-z0-9._@-]{0,13}\*$")
 HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                          r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 
@@ -72,6 +74,15 @@ def parse_name(value: object) -> str:
     return value
 
 
+def parse_ifname(value: object) -> str:
+    if not isinstance(value, str) or not IFNAME_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not an interface name: 1-15 letters, digits, '.', '_', '@' or '-' "
+            "(a trailing '*' matches every interface starting with the rest)"
+        )
+    return value
+
+
 def parse_port_range(value: object) -> tuple[int, int]:
     """A port (443) or an inclusive range ('8000-8100') as (low, high)."""
     if isinstance(value, bool):
@@ -93,6 +104,7 @@ def parse_port_range(value: object) -> tuple[int, int]:
 Network = Annotated[IPNetwork, BeforeValidator(parse_network)]
 Name = Annotated[str, BeforeValidator(parse_name)]
 PortRange = Annotated[tuple[int, int], BeforeValidator(parse_port_range)]
+IfName = Annotated[str, BeforeValidator(parse_ifname)]
 
 
 class _Model(BaseModel):
@@ -119,12 +131,17 @@ class FlowRule(_Model):
 
 
 class ManagementEntry(_Model):
-    """A flow that stays open in every state (controller SSH, metrics scrape)."""
+    """A flow that stays open in every state (controller SSH, metrics scrape).
+
+    `interface` pins the source to the interface it lives on (anti-spoofing);
+    without it a strict reverse-path check decides (the route back to the
+    source must leave through the interface the packet came in on)."""
 
     cidr: Network | None = None
     host: str | None = None
     proto: Proto = "tcp"
     ports: tuple[PortRange, ...] = ()
+    interface: IfName | None = None
 
     @field_validator("host")
     @classmethod
@@ -139,6 +156,46 @@ class ManagementEntry(_Model):
             raise ValueError("give exactly one of 'cidr' or 'host'")
         check_ports_fit_proto(self.proto, self.ports)
         return self
+
+
+InfraProto = Literal["tcp", "udp", "icmp", "vrrp", "ospf", "gre", "esp", "ah"]
+PORTLESS_PROTOS = ("icmp", "vrrp", "ospf", "gre", "esp", "ah")
+
+
+class InfraFlow(_Model):
+    """A flow the gateway itself depends on (DHCP, VRRP, BGP, NTP, syslog, ...), open in
+    every state like management: stateless, between the gateway's `local_ports` and the
+    `peers`' `remote_ports` (empty: any port). Without peers it needs an `interface`
+    and then matches any neighbour on that link (DHCP, VRRP)."""
+
+    name: Name
+    proto: InfraProto
+    peers: tuple[Network, ...] = ()
+    interface: IfName | None = None
+    local_ports: tuple[PortRange, ...] = ()
+    remote_ports: tuple[PortRange, ...] = ()
+    description: str = Field(default="", max_length=500)
+
+    @model_validator(mode="after")
+    def _check(self) -> InfraFlow:
+        if not self.peers and self.interface is None:
+            raise ValueError("name the 'peers' (addresses) or the 'interface' this flow uses: "
+                             "an infrastructure flow to anyone anywhere is not narrow")
+        if self.proto in PORTLESS_PROTOS and (self.local_ports or self.remote_ports):
+            raise ValueError(f"{self.proto} has no ports: remove local_ports/remote_ports")
+        for net in self.peers:
+            if net.prefixlen == 0:
+                raise ValueError(f"peer {net} is the whole internet; name the peers")
+        return self
+
+
+class ExceptionLimits(_Model):
+    """What `allow` may open on this gateway, whoever asks (the controller narrows it
+    further per role). 0.0.0.0/0 and ::/0 are always refused."""
+
+    widest_prefix_v4: int = Field(default=8, ge=1, le=32)
+    widest_prefix_v6: int = Field(default=32, ge=1, le=128)
+    max_seconds: int = Field(default=30 * 24 * 3600, ge=60, le=365 * 24 * 3600)
 
 
 class Profile(_Model):
@@ -275,6 +332,8 @@ class ProbeConfig(_Model):
 class AgentConfig(_Model):
     gateway: Name
     internal_networks: tuple[Network, ...] = Field(min_length=1)
+    # where the internal networks live: their addresses are believed there and only there
+    internal_interfaces: tuple[IfName, ...] = Field(min_length=1)
     state_dir: Path = Path("/var/lib/drawbridge")
     reconcile_interval: float = Field(default=5.0, gt=0, le=3600)
     # between full checks, drift checks compare structure only (chains, rules, sets)
@@ -282,8 +341,14 @@ class AgentConfig(_Model):
     probe_interval: float = Field(default=15.0, gt=0, le=86400)  # seconds between sweeps
     metrics: MetricsConfig = MetricsConfig()
     management: tuple[ManagementEntry, ...] = ()
+    infrastructure: tuple[InfraFlow, ...] = ()
     profiles: dict[Name, Profile] = Field(default_factory=dict)
     probes: tuple[ProbeConfig, ...] = ()
+    exceptions: ExceptionLimits = ExceptionLimits()
+    # A flowtable of another table (e.g. OpenWrt fw4's offload) carries established
+    # connections past our forward chain: reported as unverified unless the operator
+    # declares it a choice here. Offloaded connections are torn down on every change.
+    allow_flow_offload: bool = False
 
     @field_validator("profiles")
     @classmethod
@@ -291,6 +356,24 @@ class AgentConfig(_Model):
         for name in value:
             if name in RESERVED_PROFILE_NAMES:
                 raise ValueError(f"profile name {name!r} is built in; choose another name")
+        return value
+
+    @field_validator("internal_interfaces")
+    @classmethod
+    def _interfaces(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if "lo" in value:
+            raise ValueError("'lo' is not an internal interface (loopback is always open)")
+        if len(set(value)) != len(value):
+            raise ValueError("an interface is listed twice")
+        return value
+
+    @field_validator("infrastructure")
+    @classmethod
+    def _infra_names(cls, value: tuple[InfraFlow, ...]) -> tuple[InfraFlow, ...]:
+        names = [f.name for f in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate infrastructure flow names: {', '.join(dupes)}")
         return value
 
     @field_validator("probes")
@@ -301,6 +384,22 @@ class AgentConfig(_Model):
         if dupes:
             raise ValueError(f"duplicate probe names: {', '.join(dupes)}")
         return value
+
+    @model_validator(mode="after")
+    def _pins_outside_internal(self) -> AgentConfig:
+        """A management network inside the internal networks but pinned to another
+        interface would be believed from the inside too (internal sources are): refuse."""
+        inside = set(self.internal_interfaces)
+        for i, entry in enumerate(self.management):
+            if entry.cidr is None or entry.interface is None or entry.interface in inside:
+                continue
+            for net in self.internal_networks:
+                if net.version == entry.cidr.version and net.overlaps(entry.cidr):
+                    raise ValueError(
+                        f"management[{i}]: {entry.cidr} lies in internal network {net} but is "
+                        f"pinned to {entry.interface!r}; pin it to an internal interface or "
+                        "leave out 'interface'")
+        return self
 
     def profile_names(self) -> list[str]:
         return [*BUILTIN_PROFILES, *self.profiles]

@@ -45,6 +45,7 @@ class Daemon:
             gateway=config.gateway, store=self.engine.store, counters=self.engine.nft.counters,
             probes=self.probes.latest, last_sweep=lambda: self.probes.last_sweep_at,
             drift_repairs=lambda: self.engine.stats.drift_repairs,
+            bypass_paths=lambda: len(self.engine.stats.bypass),
             apply=self.apply_durations, health=self.health,
             probe_order=[p.name for p in config.probes],
         )

@@ -19,18 +19,39 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
+from agent import exceptions
 from agent.config import AgentConfig, FlowRule, IPNetwork
 from agent.errors import DrawbridgeError, InputError, NftError
-from agent.nft.facts import compare
-from agent.nft.render import TextMemo, render, render_delete
+from agent.nft.facts import Facts, compare
+from agent.nft.offload import bypasses, cut_offloaded
+from agent.nft.reference import References
+from agent.nft.render import (
+    ElementChange,
+    TextMemo,
+    render,
+    render_delete,
+    render_element_change,
+)
 from agent.nft.runner import Nft
 from agent.policy import CompiledProfile, Policy, build_policy, compile_profile
-from agent.requests import AllowRequest, IsolateRequest, RestoreRequest
+from agent.requests import (
+    AllowRequest,
+    ExtendRequest,
+    IsolateRequest,
+    RestoreRequest,
+    RevokeRequest,
+)
+from agent.results import (
+    ChangeResult,
+    EngineStats,
+    Phases,
+    Status,
+    Verifier,
+    readback_only,
+    with_bypass,
+)
 from agent.state import DesiredState, ExceptionEntry, StateStore, VerificationResult
 
 # status reads set contents back only up to this size (a 100k listing takes seconds);
@@ -38,82 +59,10 @@ from agent.state import DesiredState, ExceptionEntry, StateStore, VerificationRe
 STATUS_FULL_READ_LIMIT = 10_000
 
 
-class Verifier(Protocol):
-    """Runs probes against the state just applied (see probes.py)."""
-
-    def __call__(self, state: DesiredState, in_sync: bool) -> VerificationResult: ...
+ChangeRequest = IsolateRequest | RestoreRequest | AllowRequest | ExtendRequest | RevokeRequest
 
 
-def readback_only(state: DesiredState, in_sync: bool) -> VerificationResult:
-    """Without probes, the read-back is the only evidence there is."""
-    del state
-    return VerificationResult(
-        status="verified" if in_sync else "unverified",
-        checked_at=time.time(),
-        failing=() if in_sync else ("readback",),
-    )
-
-
-class ChangeResult(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    action: str
-    gateway: str
-    state: str
-    profile: str | None
-    changed: bool
-    in_sync: bool
-    problems: tuple[str, ...] = ()
-    verification: VerificationResult
-    apply_seconds: float
-    generation: int
-    note: str = ""
-    timings: dict[str, float] = {}  # seconds per phase: policy, check, apply, readback, verify
-
-
-class Status(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    gateway: str
-    state: str
-    profile: str | None
-    since: float
-    actor: str
-    reason: str
-    in_sync: bool
-    problems: tuple[str, ...]
-    verification: VerificationResult
-    exceptions: tuple[ExceptionEntry, ...]
-    generation: int
-    drift_repairs: int
-
-
-class Phases:
-    """Wall time per phase of one change, for the result and the benchmarks."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def mark(self, name: str) -> float:
-        now = time.perf_counter()
-        self.times[name] = now - self._last
-        self._last = now
-        return self.times[name]
-
-    def rounded(self) -> dict[str, float]:
-        return {k: round(v, 6) for k, v in self.times.items()}
-
-
-@dataclass
-class EngineStats:
-    """In-process counters the metrics collector reads (this process's lifetime)."""
-
-    drift_repairs: int = 0
-    last_apply_seconds: float = 0.0
-
-
-def _who(req: IsolateRequest | RestoreRequest | AllowRequest) -> dict[str, Any]:
+def _who(req: ChangeRequest) -> dict[str, Any]:
     return {"actor": req.actor, "reason": req.reason, "ticket": req.ticket}
 
 
@@ -136,6 +85,7 @@ class Engine:
         clock: Callable[[], float] = time.time,
         resolver: Callable[[str], tuple[IPNetwork, ...]] = resolve_host,
         on_apply: Callable[[float], None] | None = None,
+        references: Callable[[str], Facts] | None = None,
     ) -> None:
         self.config = config
         self.nft = nft or Nft()
@@ -148,7 +98,7 @@ class Engine:
         self._resolved: dict[str, tuple[IPNetwork, ...]] = {}
         self._compiled: dict[str, CompiledProfile] = {}
         self._element_text = TextMemo()
-        self._checked: set[str] = set()
+        self._references = references or References()
         self._last_full_check = float("-inf")
 
     # -- policy --------------------------------------------------------------------------
@@ -179,12 +129,12 @@ class Engine:
         )
 
     def warm_up(self) -> None:
-        """Compile every profile and dry-check each structure once, so the first isolate
+        """Compile every profile and learn each structure once, so the first isolate
         after a start is as fast as the next (a daemon calls this at start)."""
         for name in self.config.profile_names():
             policy = self.policy_for(DesiredState(profile=name))
             assert policy is not None
-            self._dry_check(policy)
+            self._reference(policy)
 
     def render(self, profile: str) -> str:
         state = DesiredState(profile=profile)
@@ -205,29 +155,53 @@ class Engine:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
-    def _dry_check(self, policy: Policy) -> None:
-        """Let the kernel validate the structure (chains, rules, set types) before the
-        desired state is written. Elements are typed, collapsed values and are not part
-        of the check: checking 100k of them would double the apply time. A structure
-        the kernel accepted once is not checked again by this process (it depends only on
-        the mode, and a kernel does not lose features while it runs)."""
-        skeleton = render(policy, with_elements=False)
-        if skeleton not in self._checked:
-            self.nft.check(skeleton)
-            self._checked.add(skeleton)
+    def _reference(self, policy: Policy) -> Facts:
+        """The structure (chains, rules, set types) the kernel holds for `policy`, learnt
+        in a scratch namespace before the desired state is written: that is the dry
+        check, and the reference every read-back is compared with (reference.py).
+        Elements are typed, collapsed values and are not part of it: checking 100k of
+        them would double the apply time. Learnt once per structure per process."""
+        return self._references(render(policy, with_elements=False))
+
+    def _compare(self, policy: Policy | None, *, elements: bool = True) -> list[str]:
+        live = self.nft.read_table(elements=elements)
+        return compare(policy, live, None if policy is None else self._reference(policy))
+
+    def _bypasses(self) -> tuple[str, ...]:
+        """Paths around our forward chain; the offloaded connections are cut when found
+        (and after every change while they exist)."""
+        found = tuple(bypasses(self.nft.read_ruleset()))
+        self.stats.bypass = found
+        return found
+
+    def _cut_bypass(self, isolated: bool) -> tuple[str, ...]:
+        found = self._bypasses()
+        if found and isolated:
+            problem = cut_offloaded()
+            if problem is not None:
+                found = (*found, problem)
+        return found
+
+    def _verify(self, state: DesiredState, in_sync: bool,
+                bypass: tuple[str, ...]) -> VerificationResult:
+        return with_bypass(self.verifier(state, in_sync), bypass,
+                           self.config.allow_flow_offload)
 
     def _converge(self, policy: Policy | None, phases: Phases) -> list[str]:
         """Make the kernel hold `policy` (None: no table); returns the read-back
         differences that remain (empty: the kernel holds exactly what was meant)."""
         self._apply_file(render_delete() if policy is None
                          else render(policy, element_text=self._element_text))
+        self._timed_apply(phases)
+        problems = self._compare(policy)
+        phases.mark("readback")
+        return problems
+
+    def _timed_apply(self, phases: Phases) -> None:
         elapsed = phases.mark("apply")
         self.stats.last_apply_seconds = elapsed
         if self.on_apply is not None:
             self.on_apply(elapsed)
-        problems = compare(policy, self.nft.read_table())
-        phases.mark("readback")
-        return problems
 
     def _change(self, action: str, new: DesiredState, old: DesiredState,
                 who: dict[str, Any]) -> ChangeResult:
@@ -236,7 +210,7 @@ class Engine:
         policy = self.policy_for(new)  # may raise before anything is touched
         phases.mark("policy")
         if policy is not None:
-            self._dry_check(policy)
+            self._reference(policy)
         phases.mark("check")
         self.store.save(new)
         phases.mark("persist")
@@ -247,10 +221,15 @@ class Engine:
             self.store.journal(action=action, profile=new.profile, result="failed",
                                error=str(exc), **who)
             raise
-        verification = self.verifier(new, not problems)
+        return self._finish(action, new, problems, phases, who)
+
+    def _finish(self, action: str, new: DesiredState, problems: list[str], phases: Phases,
+                who: dict[str, Any], note: str = "") -> ChangeResult:
+        """After the kernel changed: cut what goes around us, verify, record, answer."""
+        bypass = self._cut_bypass(new.isolated)
+        verification = self._verify(new, not problems, bypass)
         phases.mark("verify")
-        final = new.model_copy(update={"verification": verification})
-        self.store.save(final)
+        self.store.save(new.model_copy(update={"verification": verification}))
         self.store.journal(
             action=action, profile=new.profile, result="applied", in_sync=not problems,
             verification=verification.status,
@@ -262,23 +241,68 @@ class Engine:
             state="isolated" if new.isolated else "open", profile=new.profile, changed=True,
             in_sync=not problems, problems=tuple(problems), verification=verification,
             apply_seconds=phases.times["apply"], generation=new.generation,
-            timings=phases.rounded(),
+            timings=phases.rounded(), bypass=bypass, note=note,
         )
+
+    def _change_elements(self, action: str, new: DesiredState, old: DesiredState,
+                         who: dict[str, Any], *, add: list[ElementChange],
+                         remove: list[ElementChange], forget_live: bool) -> ChangeResult:
+        """An exception change as element changes of the live table: one small
+        transaction whatever the allowlist size, counters kept. The exception sets are
+        read back (they are small) and the structure is checked terse."""
+        phases = Phases()
+        policy = self.policy_for(new)
+        assert policy is not None  # exceptions change only while isolated
+        phases.mark("policy")
+        self.store.save(new)
+        phases.mark("persist")
+        try:
+            self.nft.apply_text(render_element_change(add=add, remove=remove,
+                                                      forget_live=forget_live))
+        except DrawbridgeError as exc:
+            self.store.save(old)
+            self.store.journal(action=action, profile=new.profile, result="failed",
+                               error=str(exc), **who)
+            raise
+        self._timed_apply(phases)
+        problems = self._compare(policy, elements=False)
+        problems += self._compare_exception_sets(policy)
+        phases.mark("readback")
+        return self._finish(action, new, problems, phases, who)
+
+    def _compare_exception_sets(self, policy: Policy) -> list[str]:
+        live = self.nft.read_sets([name for name in policy.sets if name.startswith("exc_")])
+        return compare(policy, live)
 
     # -- verbs ---------------------------------------------------------------------------
 
     def isolate(self, req: IsolateRequest) -> ChangeResult:
-        self.config.profile(req.profile)  # unknown profile: refused before the lock
+        try:  # unknown profile: bad input, refused before the lock
+            self.config.profile(req.profile)
+        except DrawbridgeError as exc:
+            raise InputError(str(exc)) from None
         with self.store.locked():
             old = self.store.load()
             now = self.clock()
+            # Exceptions live only while isolated: moving between profiles keeps them (the
+            # answer lists them); an open gateway has none to carry (an older agent could
+            # record some while open: they are dropped, and the answer says so).
+            carried = old.live_exceptions(now) if old.isolated else ()
+            dropped = len(old.live_exceptions(now)) - len(carried)
             new = DesiredState(
                 profile=req.profile,
                 since=old.since if old.profile == req.profile else now,
                 actor=req.actor, reason=req.reason,
-                exceptions=old.live_exceptions(now), generation=old.generation + 1,
+                exceptions=carried, generation=old.generation + 1,
             )
-            return self._change("isolate", new, old, _who(req))
+            result = self._change("isolate", new, old, _who(req))
+            notes = []
+            if carried:
+                notes.append(f"{len(carried)} live exception(s) stay in force: "
+                             + ", ".join(e.id for e in carried))
+            if dropped:
+                notes.append(f"{dropped} exception(s) recorded while open were discarded")
+            return result.model_copy(update={"note": "; ".join(notes)}) if notes else result
 
     def restore(self, req: RestoreRequest) -> ChangeResult:
         with self.store.locked():
@@ -288,35 +312,70 @@ class Engine:
             return self._change("restore", new, old, _who(req))
 
     def allow(self, req: AllowRequest) -> ChangeResult:
+        flow = FlowRule(cidr=req.cidr, proto=req.proto, ports=req.ports,
+                        direction=req.direction)
+        exceptions.check_allowed(self.config, flow, req.duration_seconds)
         with self.store.locked():
             old = self.store.load()
+            exceptions.check_isolated(old, "except")
             now = self.clock()
+            live = old.live_exceptions(now)
+            exceptions.check_no_overlap(flow, live)
             entry = ExceptionEntry(
-                id=uuid.uuid4().hex[:12],
-                flow=FlowRule(cidr=req.cidr, proto=req.proto, ports=req.ports,
-                              direction=req.direction),
+                id=uuid.uuid4().hex[:12], flow=flow,
                 expires_at=now + req.duration_seconds, created_at=now,
-                actor=req.actor, reason=req.reason,
+                actor=req.actor, reason=req.reason, ticket=req.ticket,
             )
+            new = old.model_copy(update={"exceptions": (*live, entry),
+                                         "generation": old.generation + 1})
+            who = {**_who(req), "exception": entry.model_dump(mode="json")}
+            return self._change_elements("allow", new, old, who,
+                                         add=exceptions.element_changes(entry, now),
+                                         remove=[], forget_live=False)
+
+    def extend(self, req: ExtendRequest) -> ChangeResult:
+        with self.store.locked():
+            old = self.store.load()
+            exceptions.check_isolated(old, "extend")
+            now = self.clock()
+            entry = exceptions.find(old, req.id, now)
+            exceptions.check_allowed(self.config, entry.flow, req.duration_seconds)
+            longer = entry.model_copy(update={"expires_at": now + req.duration_seconds})
             new = old.model_copy(update={
-                "exceptions": (*old.live_exceptions(now), entry),
+                "exceptions": tuple(longer if e.id == req.id else e
+                                    for e in old.live_exceptions(now)),
+                "generation": old.generation + 1,
+            })
+            who = {**_who(req), "exception": longer.model_dump(mode="json")}
+            return self._change_elements("extend", new, old, who,
+                                         add=exceptions.element_changes(longer, now),
+                                         remove=exceptions.element_changes(entry, now),
+                                         forget_live=False)
+
+    def revoke(self, req: RevokeRequest) -> ChangeResult:
+        with self.store.locked():
+            old = self.store.load()
+            exceptions.check_isolated(old, "revoke")
+            now = self.clock()
+            entry = exceptions.find(old, req.id, now)
+            new = old.model_copy(update={
+                "exceptions": tuple(e for e in old.live_exceptions(now) if e.id != req.id),
                 "generation": old.generation + 1,
             })
             who = {**_who(req), "exception": entry.model_dump(mode="json")}
-            if not old.isolated:
-                # nothing to open while everything is open; kept for the next isolation
-                self.store.save(new)
-                self.store.journal(action="allow", profile=None, result="recorded", **who)
-                return ChangeResult(
-                    action="allow", gateway=self.config.gateway, state="open", profile=None,
-                    changed=True, in_sync=True, verification=old.verification, apply_seconds=0.0,
-                    generation=new.generation,
-                    note="gateway is open; the exception applies if it is isolated before expiry",
-                )
-            return self._change("allow", new, old, who)
+            # connections of the revoked flow lose their related-ICMP pass at once
+            return self._change_elements("revoke", new, old, who, add=[],
+                                         remove=exceptions.element_changes(entry, now),
+                                         forget_live=True)
+
+    def list_exceptions(self) -> list[dict[str, object]]:
+        state = self.store.load()
+        now = self.clock()
+        return exceptions.listing(state.live_exceptions(now), now)
 
     def reconcile(self) -> ChangeResult | None:
-        """Compare kernel and desired state; repair any drift. Returns the repair, if any."""
+        """Compare kernel and desired state; repair any drift. Returns the repair, if any.
+        Also notices paths around our chains (offload.py) as they appear or go."""
         with self.store.locked():
             state = self.store.load()
             now = self.clock()
@@ -324,13 +383,16 @@ class Engine:
             if live != state.exceptions:
                 state = state.model_copy(update={"exceptions": live})
                 self.store.save(state)
+                if state.isolated:  # the kernel expired them: forget their connections too
+                    self.nft.apply_text(render_element_change(forget_live=True))
             policy = self.policy_for(state)
             now_mono = time.monotonic()
             full = now_mono - self._last_full_check >= self.config.full_check_interval
-            problems = compare(policy, self.nft.read_table(elements=full))
+            problems = self._compare(policy, elements=full)
             if full:
                 self._last_full_check = now_mono
             if not problems:
+                self._notice_bypass(state)
                 return None
             phases = Phases()
             try:
@@ -341,7 +403,8 @@ class Engine:
                                    drift=problems)
                 raise
             self.stats.drift_repairs += 1
-            verification = self.verifier(state, not remaining)
+            bypass = self._cut_bypass(state.isolated)
+            verification = self._verify(state, not remaining, bypass)
             state = state.model_copy(update={"verification": verification})
             self.store.save(state)
             self.store.journal(action="repair", actor="agent", reason="drift",
@@ -353,18 +416,36 @@ class Engine:
                 state="isolated" if state.isolated else "open", profile=state.profile,
                 changed=True, in_sync=not remaining, problems=tuple(problems),
                 verification=verification, apply_seconds=phases.times["apply"],
-                generation=state.generation, timings=phases.rounded(),
+                generation=state.generation, timings=phases.rounded(), bypass=bypass,
             )
+
+    def _notice_bypass(self, state: DesiredState) -> None:
+        """A path around our forward chain that appeared since the last look: cut what
+        was offloaded and record the state unverified (journal, status, metrics)."""
+        before = self.stats.bypass
+        found = self._bypasses()
+        if found == before or not state.isolated:
+            return
+        if found:
+            problem = cut_offloaded()
+            found = (*found, problem) if problem else found
+        self.store.journal(action="bypass", actor="agent", reason="offload check",
+                           profile=state.profile, result="found" if found else "gone",
+                           bypass=list(found))
+        if found and not self.config.allow_flow_offload:
+            checked = state.verification.model_copy(update={"checked_at": self.clock()})
+            verdict = with_bypass(checked, found, accepted=False)
+            self.store.save(state.model_copy(update={"verification": verdict}))
 
     def status(self) -> Status:
         state = self.store.load()
         policy = self.policy_for(state)
         full = policy is None or policy.element_count() <= STATUS_FULL_READ_LIMIT
-        problems = compare(policy, self.nft.read_table(elements=full))
+        problems = self._compare(policy, elements=full)
         return Status(
             gateway=self.config.gateway, state="isolated" if state.isolated else "open",
             profile=state.profile, since=state.since, actor=state.actor, reason=state.reason,
             in_sync=not problems, problems=tuple(problems), verification=state.verification,
             exceptions=state.live_exceptions(self.clock()), generation=state.generation,
-            drift_repairs=self.stats.drift_repairs,
+            drift_repairs=self.stats.drift_repairs, bypass=self._bypasses(),
         )

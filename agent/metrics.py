@@ -34,7 +34,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from agent.errors import DrawbridgeError
-from agent.nft.render import COUNTERS
+from agent.nft.rules import COUNTERS, SPOOFED_COUNTER
 from agent.probes import ProbeResult
 from agent.state import DesiredState, StateStore
 from agent.version import package_version
@@ -94,6 +94,7 @@ class Snapshot:
     apply_sum: float = 0.0
     in_sync: bool | None = None
     reconcile_ok: bool = True
+    bypass_paths: int = 0
     now: float = field(default_factory=time.time)
 
 
@@ -159,6 +160,10 @@ def _counter_metrics(counters: Mapping[str, tuple[int, int]]) -> Iterator[Metric
         octets.add_metric([direction], float(n_bytes))
     yield packets
     yield octets
+    yield CounterMetricFamily(
+        "drawbridge_spoofed_packets", "Packets dropped because their source address is not "
+        "believed on the interface they came in on (anti-spoofing; restarts at 0 when the "
+        "table is replaced or removed).", value=float(counters.get(SPOOFED_COUNTER, (0, 0))[0]))
 
 
 def _probe_metrics(s: Snapshot) -> Iterator[Metric]:
@@ -204,6 +209,9 @@ def build_metrics(s: Snapshot) -> list[Metric]:
         "drawbridge_drift_repairs", "Times the reconcile loop found the kernel's ruleset "
         "differing from the desired state and repaired it (since the agent started).",
         value=float(s.drift_repairs)))
+    out.append(_gauge("drawbridge_bypass_paths", "Paths around the isolation table's forward "
+                      "chain (flowtables, fwd/dup in other tables) at the last check.",
+                      float(s.bypass_paths)))
     apply = HistogramMetricFamily(
         "drawbridge_apply_duration_seconds",
         "Time to apply one nftables transaction (isolate, restore, exception, repair).")
@@ -225,6 +233,7 @@ class AgentCollector(Collector):
         probes: Callable[[], Mapping[str, ProbeResult]] = dict,
         last_sweep: Callable[[], float | None] = lambda: None,
         drift_repairs: Callable[[], int] = lambda: 0,
+        bypass_paths: Callable[[], int] = lambda: 0,
         apply: DurationHistogram | None = None,
         health: Health | None = None,
         probe_order: Sequence[str] = (),
@@ -236,6 +245,7 @@ class AgentCollector(Collector):
         self.probes = probes
         self.last_sweep = last_sweep
         self.drift_repairs = drift_repairs
+        self.bypass_paths = bypass_paths
         self.apply = apply or DurationHistogram()
         self.health = health or Health()
         self.probe_order = tuple(probe_order)
@@ -263,7 +273,7 @@ class AgentCollector(Collector):
             probes=[latest[n] for n in order], last_sweep_at=self.last_sweep(),
             drift_repairs=self.drift_repairs(), apply_buckets=buckets, apply_sum=total,
             in_sync=self.health.in_sync, reconcile_ok=self.health.reconcile_ok,
-            now=self.clock(),
+            bypass_paths=self.bypass_paths(), now=self.clock(),
         )
 
     def collect(self) -> Iterator[Metric]:

@@ -15,7 +15,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from agent.config import AgentConfig, FlowRule, IPNetwork, ManagementEntry, Proto
+from agent.config import (
+    AgentConfig,
+    Direction,
+    FlowRule,
+    InfraFlow,
+    IPNetwork,
+    ManagementEntry,
+    Proto,
+)
 
 Mode = Literal["internet", "full"]
 ANY_PORT = (0, 65535)
@@ -34,6 +42,9 @@ class FlowElement:
     def family(self) -> int:
         return self.net.version
 
+    def untimed(self) -> FlowElement:
+        return FlowElement(self.net, self.proto, self.ports)
+
 
 @dataclass(frozen=True)
 class ExceptionSpec:
@@ -47,6 +58,20 @@ FLOW_KINDS = ("mgmt", "allow_out", "allow_in", "exc_out", "exc_in")
 FlowSets = dict[str, tuple[FlowElement, ...]]
 
 
+Pin = tuple[str, IPNetwork]  # (interface, network): a source believed on that interface only
+
+
+@dataclass(frozen=True)
+class AntiSpoof:
+    """Where source addresses are believed: internal networks on the internal interfaces
+    only, pinned management sources on their interface only, the other management
+    sources where the route back to them leaves (strict reverse path)."""
+
+    interfaces: tuple[str, ...] = ()
+    pins: tuple[Pin, ...] = ()
+    reverse_path: tuple[IPNetwork, ...] = ()
+
+
 @dataclass(frozen=True)
 class Policy:
     """`sets` maps flow set names (mgmt4, allow_out6, exc_in4, ...) to their elements."""
@@ -55,6 +80,8 @@ class Policy:
     mode: Mode
     internal: tuple[IPNetwork, ...]
     sets: FlowSets
+    antispoof: AntiSpoof = AntiSpoof()
+    infra: tuple[InfraFlow, ...] = ()
 
     def element_count(self) -> int:
         return len(self.internal) + sum(map(len, self.sets.values()))
@@ -115,6 +142,64 @@ def management_elements(
     return _merge(out)
 
 
+def management_antispoof(
+    config: AgentConfig, resolved: dict[str, tuple[IPNetwork, ...]]
+) -> AntiSpoof:
+    pins: set[Pin] = set()
+    loose: list[IPNetwork] = []
+    for entry in config.management:
+        nets = (entry.cidr,) if entry.cidr is not None else resolved.get(entry.host or "", ())
+        if entry.interface is None:
+            loose.extend(nets)
+        else:
+            pins.update((entry.interface, net) for net in nets)
+    by_if: dict[str, list[IPNetwork]] = defaultdict(list)
+    for ifname, net in pins:
+        by_if[ifname].append(net)
+    collapsed = tuple((ifname, net) for ifname in sorted(by_if)
+                      for net in collapse_networks(by_if[ifname]))
+    return AntiSpoof(interfaces=tuple(config.internal_interfaces), pins=collapsed,
+                     reverse_path=collapse_networks(loose))
+
+
+def merge_ports(ports: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Port ranges sorted, overlapping and adjacent ones joined (443, 400-500 -> 400-500):
+    interval set elements of one flow must not overlap."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ports):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return tuple(out)
+
+
+def _directions(direction: Direction) -> set[str]:
+    return {"out", "in"} if direction == "both" else {direction}
+
+
+def _ranges_overlap(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> bool:
+    a, b = a or [ANY_PORT], b or [ANY_PORT]
+    return any(lo1 <= hi2 and lo2 <= hi1 for lo1, hi1 in a for lo2, hi2 in b)
+
+
+def flows_overlap(a: FlowRule, b: FlowRule) -> bool:
+    """Whether two flows would put overlapping elements into the same set (the kernel
+    refuses that, and one exception must never be revoked by revoking another)."""
+    return (a.proto == b.proto and bool(_directions(a.direction) & _directions(b.direction))
+            and a.cidr.version == b.cidr.version and a.cidr.overlaps(b.cidr)
+            and (a.proto == "icmp" or _ranges_overlap(a.ports, b.ports)))
+
+
+def exception_elements(flow: FlowRule, timeout: int | None) -> dict[str, tuple[FlowElement, ...]]:
+    """The set elements of one exception, by set name: never merged with another
+    exception's, so adding, extending or revoking one is a change of its own elements."""
+    ports = merge_ports(flow.ports)
+    elements = tuple(_flow_elements((flow.cidr,), flow.proto, ports, timeout))
+    ways = sorted(_directions(flow.direction))
+    return {f"exc_{way}{flow.cidr.version}": elements for way in ways}
+
+
 def _directed(flows: Iterable[tuple[FlowRule, int | None]]) -> tuple[
         tuple[FlowElement, ...], tuple[FlowElement, ...]]:
     outbound: list[FlowElement] = []
@@ -161,20 +246,23 @@ def build_policy(
     """The desired ruleset for `profile_name`; expired exceptions are left out."""
     if compiled is None or compiled.name != profile_name:
         compiled = compile_profile(config, profile_name)
-    live = [
-        (exc.flow, remaining_seconds(exc.expires_at, now))
-        for exc in exceptions
-        if remaining_seconds(exc.expires_at, now) > 0
-    ]
-    exc_out, exc_in = _directed(live)
+    exc: dict[str, list[FlowElement]] = {f"exc_{way}{fam}": [] for way in ("out", "in")
+                                         for fam in (4, 6)}
+    for spec in exceptions:
+        left = remaining_seconds(spec.expires_at, now)
+        if left > 0:
+            for name, elements in exception_elements(spec.flow, left).items():
+                exc[name].extend(elements)
+    resolved = resolved_hosts or {}
     return Policy(
         profile=profile_name,
         mode=compiled.mode,
         internal=collapse_networks(config.internal_networks),
         sets={
-            **by_family("mgmt", management_elements(config.management, resolved_hosts or {})),
+            **by_family("mgmt", management_elements(config.management, resolved)),
             **compiled.sets,  # the same tuples every time: the renderer memoises their text
-            **by_family("exc_out", exc_out),
-            **by_family("exc_in", exc_in),
+            **{name: tuple(dict.fromkeys(els)) for name, els in sorted(exc.items())},
         },
+        antispoof=management_antispoof(config, resolved),
+        infra=config.infrastructure,
     )

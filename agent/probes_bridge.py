@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent.config import AgentConfig, ProbeConfig
-from agent.engine import Verifier, readback_only
 from agent.probes import ProbeResult, run_probes
+from agent.results import Verifier, readback_only
 from agent.rpc import ProbeHandler
 from agent.state import DesiredState, StateStore, VerificationResult
 

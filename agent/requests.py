@@ -63,19 +63,49 @@ class RestoreRequest(_Request):
 
 
 class AllowRequest(_Request):
-    """An exception: a flow left open while isolated, until it expires by itself."""
+    """An exception: one flow left open while isolated, until it expires by itself.
+
+    Exact by construction: one remote network (never the whole internet), one
+    protocol, explicit ports (ICMP has none: echo only), and `out` unless `in` or
+    `both` is asked for. How wide the network may be is the gateway's config
+    (`[exceptions]`) and, through the controller, the caller's role."""
 
     cidr: Network
     proto: Proto
     ports: tuple[PortRange, ...] = ()
-    direction: Direction = "both"
+    direction: Direction = "out"
     duration_seconds: int = Field(gt=0, le=MAX_EXCEPTION_SECONDS)
     reason: Reason
 
     @model_validator(mode="after")
     def _check(self) -> AllowRequest:
         check_ports_fit_proto(self.proto, self.ports)
+        if self.proto != "icmp" and not self.ports:
+            raise ValueError(f"{self.proto} exceptions need explicit ports (e.g. 443 or "
+                             "8000-8100); an exception for every port is a restore in all "
+                             "but name")
+        if self.cidr.prefixlen == 0:
+            raise ValueError(f"{self.cidr} is the whole internet: an exception names one "
+                             "remote network (restore the gateway instead)")
         return self
+
+
+ExceptionId = Annotated[str, Field(pattern=r"^[0-9a-f]{12}$")]
+
+
+class ExtendRequest(_Request):
+    """Give a live exception a new lifetime, counted from now."""
+
+    id: ExceptionId
+    duration_seconds: int = Field(gt=0, le=MAX_EXCEPTION_SECONDS)
+    reason: Reason
+
+
+class RevokeRequest(_Request):
+    """Close a live exception now."""
+
+    id: ExceptionId
+    reason: Reason
 
 
 class RenderRequest(BaseModel):
@@ -84,7 +114,8 @@ class RenderRequest(BaseModel):
     profile: Name = "internet"
 
 
-Op = Literal["ping", "status", "isolate", "restore", "allow", "render", "probe", "journal"]
+Op = Literal["ping", "status", "isolate", "restore", "allow", "exceptions", "extend", "revoke",
+             "render", "probe", "journal"]
 
 
 def parse_duration(text: str) -> int:

@@ -23,7 +23,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from agent.config import format_validation_error
 from agent.engine import Engine
 from agent.errors import DrawbridgeError
-from agent.requests import AllowRequest, IsolateRequest, Op, RenderRequest, RestoreRequest
+from agent.requests import (
+    AllowRequest,
+    ExtendRequest,
+    IsolateRequest,
+    Op,
+    RenderRequest,
+    RestoreRequest,
+    RevokeRequest,
+)
 
 PROTOCOL_VERSION = 1
 MAX_LINE_BYTES = 64 * 1024
@@ -112,6 +120,14 @@ class Dispatcher:
                 return engine.restore(RestoreRequest.model_validate(args)).model_dump(mode="json")
             case "allow":
                 return engine.allow(AllowRequest.model_validate(args)).model_dump(mode="json")
+            case "exceptions":
+                NoArgs.model_validate(args)
+                return {"gateway": engine.config.gateway,
+                        "exceptions": engine.list_exceptions()}
+            case "extend":
+                return engine.extend(ExtendRequest.model_validate(args)).model_dump(mode="json")
+            case "revoke":
+                return engine.revoke(RevokeRequest.model_validate(args)).model_dump(mode="json")
             case "render":
                 return {"ruleset": engine.render(RenderRequest.model_validate(args).profile)}
             case "journal":

@@ -38,6 +38,7 @@ class ExceptionEntry(BaseModel):
     created_at: float
     actor: str
     reason: str
+    ticket: str | None = None
 
     def spec(self) -> ExceptionSpec:
         return ExceptionSpec(flow=self.flow, expires_at=self.expires_at)

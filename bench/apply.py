@@ -70,7 +70,7 @@ def _allowlist(n: int) -> list[dict[str, Any]]:
 def _config(state_dir: str, sizes: list[int]) -> dict[str, Any]:
     return {
         "gateway": "bench", "internal_networks": ["10.20.0.0/16", "fd20::/48"],
-        "state_dir": state_dir,
+        "internal_interfaces": ["inside"], "state_dir": state_dir,
         "management": [{"cidr": "10.99.0.0/24", "proto": "tcp", "ports": [22, 9630]}],
         "profiles": {f"allow{n}": {"allow": _allowlist(n)} for n in sizes},
     }
@@ -179,6 +179,7 @@ def inside(sizes: list[int], reps: int) -> dict[str, Any]:
 def _toml(data: dict[str, Any]) -> str:
     lines = [f'gateway = "{data["gateway"]}"',
              f"internal_networks = {json.dumps(data['internal_networks'])}",
+             f"internal_interfaces = {json.dumps(data['internal_interfaces'])}",
              f'state_dir = "{data["state_dir"]}"', "[metrics]", "enabled = false"]
     for m in data["management"]:
         lines += ["[[management]]", f'cidr = "{m["cidr"]}"', f'proto = "{m["proto"]}"',

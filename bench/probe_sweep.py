@@ -194,6 +194,7 @@ def _agent_config(lab: Any, workdir: Path, n_probes: int) -> Path:
     kinds = ["icmp", "tcp", "tcp-syn", "dns"]
     lines = [
         f'gateway = "{gw.name}"', f"internal_networks = {json.dumps(list(gw.internal_networks))}",
+        f'internal_interfaces = ["{gw.inside_if}", "{gw.inside2_if}"]',
         f'state_dir = "{workdir / "state"}"', "probe_interval = 15",
         "[metrics]", f'listen = "[::]:{METRICS_PORT}"',
         "[[management]]", f'cidr = "{lab.mgmt_subnet4}"', 'proto = "tcp"',

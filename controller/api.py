@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import Depends, FastAPI, Query, Request
@@ -29,10 +29,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from controller.audit import HistoryQuery, VerifyReport
 from controller.auth import Principal, Role, TokenInfo
 from controller.errors import ControllerError, InputError, Unauthorized
+from controller.fleet import GatewayResult
 from controller.schemas import (
     AllowBody,
     CommandResult,
     ErrorResponse,
+    ExtendBody,
     GatewayAddBody,
     GatewayRemoveBody,
     GatewayView,
@@ -42,11 +44,21 @@ from controller.schemas import (
     PlanResult,
     ProbeBody,
     RestoreBody,
+    RevokeBody,
+    Targets,
     TokenCreateBody,
     TokenCreated,
 )
 from controller.service import Controller, Emit
 from controller.timeparse import parse_when
+from controller.web.annotations import to_annotations
+from controller.web.loading import VerifyCache, WindowTooLarge
+from controller.web.report_formats import FORMATS
+from controller.web.routes import UiDeps, report_response, ui_router
+from controller.web.session import new_secret
+from controller.web.sources import AuditPlanSource, NoCheckpoints
+from controller.web.templating import make_env
+from controller.web.window import parse_window
 
 log = logging.getLogger("drawbridge.controller.api")
 
@@ -58,6 +70,13 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def _millis(value: str | None) -> str | None:
+    """Grafana sends epoch milliseconds; parse_when takes seconds (or '2h', ISO)."""
+    if value is not None and value.isdigit() and len(value) >= 12:
+        return str(int(value) / 1000)
+    return value
 
 
 def _error(status: int, code: str, message: str,
@@ -80,7 +99,8 @@ class GateMiddleware:
             return
         path = scope.get("path", "")
         method = scope.get("method", "GET")
-        open_path = path in OPEN_PATHS or (
+        # /ui authenticates its own session cookie (the page redirects to its login form)
+        open_path = path in OPEN_PATHS or path == "/ui" or path.startswith("/ui/") or (
             path == "/metrics" and not self.ctl.config.api.metrics_require_token)
         principal: Principal | None = None
         if not open_path:
@@ -196,6 +216,10 @@ def create_app(ctl: Controller) -> FastAPI:
     )
     app.add_middleware(GateMiddleware, ctl=ctl)
     app.state.controller = ctl
+    ui = UiDeps(ctl=ctl, env=make_env(), secret=new_secret(), plans=AuditPlanSource(ctl.audit),
+                checkpoints=NoCheckpoints(),
+                verify=VerifyCache(ctl.verify_audit, ctl.audit.last_seq))
+    app.include_router(ui_router(ui))
 
     @app.exception_handler(ControllerError)
     async def _controller_error(request: Request, exc: ControllerError) -> JSONResponse:
@@ -295,6 +319,10 @@ def create_app(ctl: Controller) -> FastAPI:
 
     @app.post("/v1/allow", response_model=CommandResult, tags=["commands"])
     def allow(body: AllowBody, p: Operator, request: Request) -> Any:
+        """Open one exact flow until it expires. An operator may open at most a /24
+        (IPv4) or /48 (IPv6) by default (`[exceptions]`); wider needs an admin;
+        0.0.0.0/0 and ::/0 are refused."""
+        ctl.check_exception_breadth(p, "allow", body.cidr)
         gateways = ctl.select(p, body.targets, "allow")
         flow = {"cidr": str(body.cidr), "proto": body.proto,
                 "ports": [lo if lo == hi else f"{lo}-{hi}" for lo, hi in body.ports],
@@ -304,6 +332,28 @@ def create_app(ctl: Controller) -> FastAPI:
             return ctl.run_command(gateways, action="allow", op="allow", actor=p.user,
                                    reason=body.reason, ticket=body.ticket, args=flow, emit=emit)
         return _run_stream(run) if _wants_stream(request) else run(lambda e: None)
+
+    @app.get("/v1/exceptions", response_model=list[GatewayResult], tags=["commands"])
+    def exceptions(p: Viewer, gateway: Annotated[list[str], Query()]) -> Any:
+        """The live exceptions of these gateways, asked now (`result.exceptions`)."""
+        try:
+            targets = Targets(gateways=tuple(gateway))
+        except ValueError as exc:
+            raise InputError(f"gateway: {exc}") from None
+        return ctl.exceptions(p, targets)
+
+    @app.post("/v1/allow/extend", response_model=CommandResult, tags=["commands"])
+    def extend(body: ExtendBody, p: Operator) -> Any:
+        """Give one live exception a new lifetime from now (same breadth rule as allow)."""
+        return ctl.change_exception(p, "extend", gateway=body.gateway, exception_id=body.id,
+                                    reason=body.reason, ticket=body.ticket,
+                                    duration_seconds=body.duration_seconds)
+
+    @app.post("/v1/allow/revoke", response_model=CommandResult, tags=["commands"])
+    def revoke(body: RevokeBody, p: Operator) -> Any:
+        """Close one live exception now."""
+        return ctl.change_exception(p, "revoke", gateway=body.gateway, exception_id=body.id,
+                                    reason=body.reason, ticket=body.ticket)
 
     @app.post("/v1/probe", response_model=CommandResult, tags=["commands"])
     def probe(body: ProbeBody, p: Operator, request: Request) -> Any:
@@ -338,6 +388,32 @@ def create_app(ctl: Controller) -> FastAPI:
     @app.get("/v1/audit/verify", response_model=VerifyReport, tags=["audit"])
     def verify(p: Viewer) -> VerifyReport:
         return ctl.verify_audit()
+
+    @app.get("/v1/report", tags=["audit"], response_class=Response,
+             responses={200: {"content": {m: {} for m in FORMATS.values()}}})
+    def report(p: Viewer, since: str | None = None, until: str | None = None,
+               format: Literal["html", "pdf", "csv", "json"] = "json") -> Response:
+        """The incident report of [since, until] (default: the last 24 h)."""
+        try:
+            body, media, name = report_response(ui, p, since, until, format)
+        except WindowTooLarge as exc:
+            raise InputError(str(exc)) from None
+        return Response(body, media_type=media,
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    @app.get("/v1/annotations", tags=["audit"])
+    def grafana_annotations(p: Viewer, from_: Annotated[str | None, Query(alias="from")] = None,
+                            to: str | None = None, gateway: str | None = None,
+                            limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+                            ) -> list[dict[str, Any]]:
+        """Isolate/restore/exception/plan-stage annotations for Grafana (JSON or Infinity
+        data source); from/to in epoch milliseconds (Grafana's ${__from}, ${__to}) or as
+        for /v1/history."""
+        now = ctl.clock()
+        window = parse_window(_millis(from_), _millis(to), now)
+        records = ctl.history(HistoryQuery(since=window.since, until=window.until,
+                                           gateway=gateway, limit=limit))
+        return to_annotations(records)
 
     # -- users -----------------------------------------------------------------------------
 

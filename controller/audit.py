@@ -273,6 +273,13 @@ class AuditLog:
         found.reverse()
         return found
 
+    def get(self, seq: int) -> AuditRecord | None:
+        """One record by its number (None if there is none)."""
+        t = self.table
+        with self.db.begin() as conn:
+            row = conn.execute(sa.select(t).where(t.c.seq == seq)).first()
+        return _record(row._asdict()) if row else None
+
     def last_seq(self) -> int:
         with self.db.begin() as conn:
             return int(conn.execute(sa.select(sa.func.max(self.table.c.seq))).scalar() or 0)

@@ -55,6 +55,16 @@ class ApiClient:
         _raise_for(resp)
         return resp.json()
 
+    def get_bytes(self, path: str, **params: Any) -> bytes:
+        """A GET whose answer is a file (a report), not JSON."""
+        clean = {k: v for k, v in params.items() if v is not None}
+        try:
+            resp = self._http.get(path, params=clean)
+        except httpx.TransportError as exc:
+            raise ClientError(f"cannot reach the controller at {self.url}: {exc}") from None
+        _raise_for(resp)
+        return resp.content
+
     def get(self, path: str, **params: Any) -> Any:
         clean = {k: v for k, v in params.items() if v is not None}
         return self._send("GET", path, params=clean)

@@ -43,6 +43,13 @@ class FleetSettings(_Model):
     pending_ttl_seconds: float = Field(default=24 * 3600, ge=0)
 
 
+class ExceptionSettings(_Model):
+    """How wide an exception an operator may open (admins: up to each gateway's own limit)."""
+
+    operator_widest_prefix_v4: int = Field(default=24, ge=1, le=32)
+    operator_widest_prefix_v6: int = Field(default=48, ge=1, le=128)
+
+
 class PollSettings(_Model):
     enabled: bool = True
     interval_seconds: float = Field(default=15.0, gt=0, le=86400)
@@ -76,6 +83,7 @@ class ControllerConfig(_Model):
     ssh: SshSettings = SshSettings()
     fleet: FleetSettings = FleetSettings()
     poll: PollSettings = PollSettings()
+    exceptions: ExceptionSettings = ExceptionSettings()
     log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
 
     @property

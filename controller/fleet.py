@@ -28,7 +28,8 @@ log = logging.getLogger("drawbridge.controller.fleet")
 
 Outcome = Literal["verified", "applied", "unverified", "failed", "unreachable", "refused"]
 OK_OUTCOMES = ("verified", "applied")
-CHANGE_OPS = ("isolate", "restore", "allow")
+CHANGE_OPS = ("isolate", "restore", "allow", "extend", "revoke")
+EXCEPTION_OPS = ("allow", "extend", "revoke")  # change exceptions, not the state
 
 
 class GatewayResult(BaseModel):

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.config import Direction, Name, Network, PortRange, Proto, check_ports_fit_proto
-from agent.requests import MAX_EXCEPTION_SECONDS, Reason, Ticket
+from agent.requests import MAX_EXCEPTION_SECONDS, ExceptionId, Reason, Ticket
 from controller.audit import AuditRecord, VerifyReport
 from controller.fleet import GatewayResult
 from controller.inventory import Fingerprint, SshUser
@@ -57,17 +57,32 @@ class RestoreBody(Mutating):
 
 
 class AllowBody(Mutating):
+    """One exact flow: explicit ports (ICMP: echo, no ports), `out` unless asked."""
+
     targets: Targets
     cidr: Network
     proto: Proto
     ports: tuple[PortRange, ...] = Field(default=(), max_length=64)
-    direction: Direction = "both"
+    direction: Direction = "out"
     duration_seconds: int = Field(gt=0, le=MAX_EXCEPTION_SECONDS)
 
     @model_validator(mode="after")
     def _ports(self) -> AllowBody:
         check_ports_fit_proto(self.proto, self.ports)
+        if self.proto != "icmp" and not self.ports:
+            raise ValueError(f"{self.proto} exceptions need explicit ports (e.g. 443)")
         return self
+
+
+class ExtendBody(Mutating):
+    gateway: Name
+    id: ExceptionId
+    duration_seconds: int = Field(gt=0, le=MAX_EXCEPTION_SECONDS)
+
+
+class RevokeBody(Mutating):
+    gateway: Name
+    id: ExceptionId
 
 
 class ProbeBody(_Body):

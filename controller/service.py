@@ -9,6 +9,7 @@ died in between.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -31,7 +32,8 @@ from controller.errors import (
     InputError,
     TransportError,
 )
-from controller.fleet import Fleet, GatewayResult
+from controller.exceptions import check_breadth
+from controller.fleet import CHANGE_OPS, EXCEPTION_OPS, Fleet, GatewayResult
 from controller.inventory import Gateway, Inventory, parse_address
 from controller.metrics import ControllerMetrics, FleetCollector
 from controller.observe import StateEvent, events_for_error, events_for_status
@@ -48,6 +50,8 @@ from controller.states import GatewayState, Pending, StateStore
 from controller.transport.link import GatewayLink, LinkRegistry, SessionFactory
 from controller.transport.protocol import AgentChange, AgentStatus
 from controller.transport.ssh import AgentSession, load_private_key
+from controller.web.plan_metrics import PlanStageCollector
+from controller.web.sources import AuditPlanSource
 
 log = logging.getLogger("drawbridge.controller")
 
@@ -110,6 +114,7 @@ class Controller:
         key = AuditKey.load_or_create(self.config.audit_key_path)
         self._audit = AuditLog(self.db, key, head_path=self.config.audit_head_path)
         self.metrics.attach(FleetCollector(self._snapshot, self._audit.last_seq))
+        self.metrics.attach(PlanStageCollector(AuditPlanSource(self._audit).latest))
         return self
 
     def close(self) -> None:
@@ -256,9 +261,38 @@ class Controller:
 
     def allow(self, principal: Principal, targets: Targets, *, flow: dict[str, Any],
               reason: str, ticket: str | None, emit: Emit = _noop) -> CommandResult:
+        self.check_exception_breadth(principal, "allow", flow["cidr"])
         gateways = self.select(principal, targets, "allow")
         return self.run_command(gateways, action="allow", op="allow", actor=principal.user,
                                 reason=reason, ticket=ticket, args=flow, emit=emit)
+
+    def check_exception_breadth(self, principal: Principal, what: str, cidr: Any) -> None:
+        try:
+            check_breadth(ipaddress.ip_network(str(cidr)), principal, self.config.exceptions)
+        except ControllerError as exc:
+            self.refused(principal, what, exc, detail={"cidr": str(cidr)})
+            raise
+
+    def exceptions(self, principal: Principal, targets: Targets) -> list[GatewayResult]:
+        """The live exceptions of each gateway, asked now (a read: not audited)."""
+        gateways = self.select(principal, targets, "exceptions")
+        return self.fleet.run(gateways, "exceptions", lambda gw: {})
+
+    def change_exception(self, principal: Principal, op: str, *, gateway: str,
+                         exception_id: str, reason: str, ticket: str | None,
+                         duration_seconds: int | None = None) -> CommandResult:
+        """`extend` or `revoke` one exception of one gateway. Extending is held to the
+        same breadth rule as opening (the flow is read from the gateway first)."""
+        gateways = self.select(principal, Targets(gateways=(gateway,)), op)
+        args: dict[str, Any] = {"id": exception_id}
+        if op == "extend":
+            [listing] = self.fleet.run(gateways, "exceptions", lambda gw: {})
+            live = {e["id"]: e for e in (listing.result or {}).get("exceptions", [])}
+            if exception_id in live:
+                self.check_exception_breadth(principal, op, live[exception_id]["flow"]["cidr"])
+            args["duration_seconds"] = duration_seconds
+        return self.run_command(gateways, action=op, op=op, actor=principal.user,
+                                reason=reason, ticket=ticket, args=args)
 
     def probe(self, principal: Principal, targets: Targets, *, reason: str,
               emit: Emit = _noop) -> CommandResult:
@@ -318,7 +352,7 @@ class Controller:
             return chosen
 
         rpc_args = {**args, "reason": reason, "actor": actor}
-        if op in ("isolate", "restore", "allow") and ticket:
+        if op in CHANGE_OPS and ticket:
             rpc_args["ticket"] = ticket
         if op == "probe":
             rpc_args = {}
@@ -369,13 +403,13 @@ class Controller:
         else:
             changes.update(reachable=False, last_error_code=res.error_code,
                            last_error=res.message)
-        if res.result and op in ("isolate", "restore", "allow"):
+        if res.result and op in CHANGE_OPS:
             change = AgentChange.model_validate(res.result)
             changes.update(state=change.state, profile=change.profile,
                            verification=change.verification.status, in_sync=change.in_sync,
                            generation=change.generation, problems=change.problems,
                            observed_at=now)
-            if op != "allow":
+            if op not in EXCEPTION_OPS:
                 changes.update(since=now, gw_actor=actor, gw_reason=reason)
         will_retry = res.outcome == "unreachable" and op in STATE_OPS
 

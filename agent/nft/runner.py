@@ -38,6 +38,10 @@ class Nft:
         not a stream: a truncated script could be valid and commit half of a change."""
         self._run(filename=path)
 
+    def apply_text(self, script: str) -> None:
+        """A small script (element changes) as one transaction, from memory."""
+        self._run(command=script)
+
     def _list(self, what: str, flags: int) -> Facts | None:
         try:
             out = self._run(command=f"list {what} {FAMILY} {TABLE}", flags=flags)
@@ -53,6 +57,20 @@ class Nft:
         seconds."""
         flags = OUTPUT_JSON | (0 if elements else OUTPUT_TERSE)
         return self._list("table", flags) or Facts(present=False)
+
+    def read_sets(self, names: list[str]) -> Facts:
+        """Just these sets of our table, with their elements (small sets: the
+        exceptions, read back after an element change)."""
+        items: list[Any] = [{"table": {"family": FAMILY, "name": TABLE}}]
+        for name in names:
+            facts = self._run(command=f"list set {FAMILY} {TABLE} {name}", flags=OUTPUT_JSON)
+            items += [i for i in _parse(facts).get("nftables", []) if "set" in i]
+        return facts_from_json({"nftables": items})
+
+    def read_ruleset(self) -> dict[str, Any]:
+        """Every table of this network namespace, terse (no set contents): what
+        bypass detection reads (see offload.py)."""
+        return _parse(self._run(command="list ruleset", flags=OUTPUT_JSON | OUTPUT_TERSE))
 
     def counters(self) -> dict[str, tuple[int, int]]:
         """Named counters of our table; {} if there is no table."""

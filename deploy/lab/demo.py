@@ -31,6 +31,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from drawbridge_lab.agentconf import agent_toml
 from drawbridge_lab.fleet import CASEFILES_PORT, FleetRig
 from drawbridge_lab.flows import EXPECT, MGMT_PORT, STATE_INDEX, Flow, check_flows, flow_matrix
 from drawbridge_lab.topology import Gateway, Lab
@@ -39,26 +40,7 @@ AGENT = str(Path(sys.executable).with_name("drawbridge-agent"))
 
 
 def agent_config(lab: Lab, gw: Gateway, state_dir: Path) -> str:
-    nets = ", ".join(f'"{n}"' for n in gw.internal_networks)
-    return f"""
-gateway = "{gw.name}"
-internal_networks = [{nets}]
-state_dir = "{state_dir}"
-reconcile_interval = 1.0
-
-[metrics]
-enabled = false
-
-[[management]]
-cidr = "{lab.mgmt_subnet4}"
-proto = "tcp"
-ports = [{MGMT_PORT}, 9630]
-
-[[management]]
-cidr = "{lab.mgmt_subnet6}"
-proto = "tcp"
-ports = [{MGMT_PORT}, 9630]
-
+    return agent_toml(lab, gw, state_dir, mgmt_ports=(MGMT_PORT, 9630)) + f"""
 [profiles.casefiles]
 description = "stage 1 of reconnection: consulting case files at the outside host"
 allow = [{{ cidr = "{lab.outside_addr4}/32", proto = "tcp", ports = [443], direction = "out" }},

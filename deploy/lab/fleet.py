@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from drawbridge_lab import Lab
+from drawbridge_lab.agentconf import agent_toml
 from drawbridge_lab.topology import Gateway
 
 BIN = Path(sys.executable).parent
@@ -47,28 +48,16 @@ def fingerprint(pub: Path) -> str:
     return out.split()[1]
 
 
+METRICS_PORT = 9630
+
+
 def agent_config(gw: Gateway, lab: Lab, state_dir: Path, *, probes: bool,
-                 reconcile_interval: float) -> str:
-    nets = ", ".join(f'"{n}"' for n in gw.internal_networks)
-    text = f"""
-gateway = "{gw.name}"
-internal_networks = [{nets}]
-state_dir = "{state_dir}"
-reconcile_interval = {reconcile_interval}
-
-[metrics]
-enabled = false
-
-[[management]]
-cidr = "10.99.0.0/24"
-proto = "tcp"
-ports = [22]
-
-[[management]]
-cidr = "fd99::/64"
-proto = "tcp"
-ports = [22]
-
+                 reconcile_interval: float, metrics: bool = False) -> str:
+    # metrics: on the management address, scraped from the management network
+    listen = f"{gw.mgmt_addr4}:{METRICS_PORT}" if metrics else None
+    text = agent_toml(lab, gw, state_dir, reconcile_interval=reconcile_interval,
+                      mgmt_ports=(22, METRICS_PORT) if metrics else (22,),
+                      metrics_listen=listen) + f"""
 # case files come back first: their service (tcp/80 at the outside host) reopens while
 # the probe keeps proving that the rest of the outside (tcp/443) stays cut
 [profiles.casefiles]
@@ -108,8 +97,10 @@ class GatewayRig:
 
 class FleetRig:
     def __init__(self, lab: Lab, workdir: Path, *, probes: bool = True,
-                 reconcile_interval: float = 2.0, ansible_key: bool = False) -> None:
+                 reconcile_interval: float = 2.0, ansible_key: bool = False,
+                 metrics: bool = False) -> None:
         self.lab = lab
+        self.metrics = metrics
         self.workdir = workdir
         self.probes = probes
         self.reconcile_interval = reconcile_interval
@@ -133,7 +124,8 @@ class FleetRig:
     def prepare(self, rig: GatewayRig) -> None:
         rig.dir.mkdir(parents=True, exist_ok=True)
         rig.config.write_text(agent_config(rig.gw, self.lab, rig.state_dir, probes=self.probes,
-                                           reconcile_interval=self.reconcile_interval))
+                                           reconcile_interval=self.reconcile_interval,
+                                           metrics=self.metrics))
         (rig.dir / "authorized_keys").write_text(self.authorized_keys(rig))
         keygen(rig.host_key, f"{rig.gw.name}-host")
 

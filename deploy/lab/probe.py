@@ -9,7 +9,7 @@ Run inside a namespace (``ip netns exec NS python probe.py ...``)::
 
 Exit status 0 means success, 1 failure (reason on stderr), 2 usage error.
 
-``stream`` prints ``CONNECTED`` (or ``FAILED reason`` and exits 1), then reads
+``stream`` prints ``CONNECTED LOCALPORT`` (or ``FAILED reason`` and exits 1), then reads
 commands ``TOKEN TIMEOUT`` on stdin; for each it sends ``TOKEN\\n`` over the
 connection and prints ``OK TOKEN`` once that line came back within TIMEOUT
 seconds, else ``FAIL TOKEN reason``. End of stdin closes the connection.
@@ -121,7 +121,7 @@ def probe_stream(addr: str, port: int, timeout: float) -> int:
     except OSError as exc:
         _say(f"FAILED {exc!r}")
         return 1
-    _say("CONNECTED")
+    _say(f"CONNECTED {s.getsockname()[1]}")
     buf = bytearray()
     broken: str | None = None
     with s:

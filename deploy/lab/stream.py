@@ -49,8 +49,10 @@ class Stream:
         self.description = description
         assert proc.stdout is not None
         self._reader = LineReader(proc.stdout.fileno())
-        first = self._reader.readline(connect_timeout + 5.0)
-        self.connected = first == "CONNECTED"
+        first = self._reader.readline(connect_timeout + 5.0) or ""
+        self.connected = first.startswith("CONNECTED")
+        # the connection's own source port: attack tests forge packets about it
+        self.local_port = int(first.split()[1]) if self.connected else 0
         self.error = None if self.connected else (first or "probe process gave no answer")
 
     def roundtrip(self, timeout: float = 1.0) -> bool:

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, parse_config
+from agent.config import parse_config
 from tests.conftest import ROOT
 
 ANSIBLE = ROOT / "deploy" / "ansible"
 ROLE = ANSIBLE / "roles" / "drawbridge_agent"
 INVENTORY = ANSIBLE / "inventory.example.yml"
-REQUIRED = {"drawbridge_agent_internal_networks", "drawbridge_agent_controller_key"}
+REQUIRED = {"drawbridge_agent_internal_networks", "drawbridge_agent_internal_interfaces",
+            "drawbridge_agent_controller_key"}
 VAR = re.compile(r"^\s*#?\s*(drawbridge_agent_[a-z0-9_]+):", re.M)
 
 
@@ -80,12 +81,12 @@ def test_role_sshd_dropin_is_deploy_ssh_example(rendered: Path) -> None:
 
 
 def test_role_agent_toml_is_accepted_by_the_agent(rendered: Path) -> None:
-    data = tomllib.loads((rendered / "agent.toml").read_text())
-    assert data["internal_interfaces"] == ["eth1", "eth2"]
-    if "internal_interfaces" not in AgentConfig.model_fields:  # added on another branch
-        del data["internal_interfaces"]
-    config = parse_config(data)
+    config = parse_config(tomllib.loads((rendered / "agent.toml").read_text()))
     assert config.gateway == "gw-ams-1"
     assert [str(n) for n in config.internal_networks] == ["10.20.0.0/16", "fd20::/48"]
+    assert config.internal_interfaces == ("lan0", "vlan*")
+    assert [m.interface for m in config.management] == ["mgmt0", None]
+    assert [f.name for f in config.infrastructure] == ["dhcp-client", "ntp"]
+    assert config.exceptions.max_seconds == 604800
     assert config.profile("casefiles").base == "internet"
     assert [p.name for p in config.probes] == ["outside-web"]

@@ -67,6 +67,15 @@ def test_controller_extra_runs_both_commands(controller_venv: Path) -> None:
     for script in ("drawbridge-controller", "drawbridge", "drawbridge-agent"):
         proc = run(controller_venv / script, "--version")
         assert (proc.returncode, proc.stdout) == (0, f"{script} {VERSION}\n"), proc.stderr
+    # every controller module imports; the page's templates are in the wheel
+    code = ("import importlib, pathlib, pkgutil, controller, controller.web\n"
+            "for m in pkgutil.walk_packages(controller.__path__, 'controller.'):\n"
+            "    importlib.import_module(m.name)\n"
+            "print(len(list(pathlib.Path(controller.web.__path__[0]).glob('templates/*'))))\n")
+    proc = run(controller_venv / "python", "-c", code)
+    assert proc.returncode == 0, proc.stderr
+    shipped = len(list((ROOT / "controller" / "web" / "templates").iterdir()))
+    assert int(proc.stdout) == shipped > 0
 
 
 def test_units_documentation_is_installed(agent_venv: Path) -> None:

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 AGENT_DEPENDENCIES = {"pydantic", "typer", "rich", "apscheduler", "prometheus-client", "scapy"}
+# the controller's web, database and SSH-client stack, its page and report, dev tools
 NOT_ON_A_GATEWAY = {"fastapi", "uvicorn", "starlette", "sqlalchemy", "alembic", "psycopg",
-                    "psycopg2", "psycopg-binary", "paramiko", "httpx", "drawbridge-lab"}
+                    "psycopg2", "psycopg-binary", "paramiko", "httpx", "jinja2",
+                    "python-multipart", "fpdf2", "pillow", "playwright", "drawbridge-lab"}
 
 
 def fresh_venv(path: Path, wheelhouse: Path, requirement: str) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from drawbridge_lab import Lab
+from drawbridge_lab.agentconf import agent_toml
 from drawbridge_lab.flows import EXPECT, MGMT_PORT, STATE_INDEX, Flow, flow_matrix
 from drawbridge_lab.topology import Gateway
 
@@ -26,27 +28,8 @@ AGENT = str(Path(sys.executable).with_name("drawbridge-agent"))
 def toml_config(
     lab: Lab, gw: Gateway, state_dir: Path, *, extra: str = "", reconcile_interval: float = 0.5
 ) -> str:
-    nets = ", ".join(f'"{n}"' for n in gw.internal_networks)
-    return f"""
-gateway = "{gw.name}"
-internal_networks = [{nets}]
-state_dir = "{state_dir}"
-reconcile_interval = {reconcile_interval}
-full_check_interval = 0
-
-[metrics]
-enabled = false
-
-[[management]]
-cidr = "10.99.0.0/24"
-proto = "tcp"
-ports = [{MGMT_PORT}, 9630]
-
-[[management]]
-cidr = "fd99::/64"
-proto = "tcp"
-ports = [{MGMT_PORT}, 9630]
-
+    return agent_toml(lab, gw, state_dir, reconcile_interval=reconcile_interval,
+                      mgmt_ports=(MGMT_PORT, 9630), full_check_interval=0) + f"""
 [profiles.casefiles]
 allow = [{{ cidr = "{lab.outside_addr4}/32", proto = "tcp", ports = [443], direction = "out" }}]
 {extra}
@@ -94,6 +77,13 @@ class AgentRig:
 
     def ruleset(self) -> str:
         return self.nft("list", "ruleset")
+
+    def rules_as_meant(self, what: tuple[str, ...] = ("ruleset",)) -> str:
+        """A listing to compare across time: no counter values (-s), and no connection
+        ids in the dynamic `live` set (both change with every packet)."""
+        listing = self.nft("-s", "list", *what, check=False)
+        return re.sub(r"(set live \{[^}]*?timeout \S+\n)\t+elements = \{[^}]*\}\n",
+                      r"\1", listing)
 
     def has_table(self) -> bool:
         return "table inet drawbridge" in self.ruleset()

@@ -27,7 +27,6 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig
 from drawbridge_lab import Lab
 from drawbridge_lab.fleet import OUTSIDE_PORT, FleetRig, fingerprint, keygen, wait_for
 from drawbridge_lab.topology import Gateway
@@ -79,9 +78,10 @@ def role_vars(site: Site, wheels: Path, **overrides: Any) -> dict[str, Any]:
         "drawbridge_agent_manage_services": False,
         "drawbridge_agent_gateway": gw.name,
         "drawbridge_agent_internal_networks": list(gw.internal_networks),
+        "drawbridge_agent_internal_interfaces": [gw.inside_if, gw.inside2_if],
         "drawbridge_agent_management": [
-            {"cidr": "10.99.0.0/24", "proto": "tcp", "ports": [22]},
-            {"cidr": "fd99::/64", "proto": "tcp", "ports": [22]},
+            {"cidr": lab.mgmt_subnet4, "proto": "tcp", "ports": [22], "interface": gw.mgmt_if},
+            {"cidr": lab.mgmt_subnet6, "proto": "tcp", "ports": [22], "interface": gw.mgmt_if},
         ],
         "drawbridge_agent_profiles": {"casefiles": {
             "description": "case files first", "base": "internet",
@@ -101,10 +101,6 @@ def role_vars(site: Site, wheels: Path, **overrides: Any) -> dict[str, Any]:
         "drawbridge_agent_register_key_path": str(site.fleet.key),
         "drawbridge_agent_register_groups": ["lab"],
     }
-    # The agent key `internal_interfaces` is being added on another branch; the role
-    # renders it whenever it is set, and it is set here once the agent knows it.
-    if "internal_interfaces" in AgentConfig.model_fields:
-        values["drawbridge_agent_internal_interfaces"] = [gw.inside_if, gw.inside2_if]
     return {**values, **overrides}
 
 

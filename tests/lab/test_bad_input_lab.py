@@ -41,7 +41,7 @@ BAD_COMMANDS: list[tuple[list[str], str]] = [
 
 def snapshot(rig: AgentRig) -> tuple[str, bytes | None, str]:
     journal = rig.state_dir / "journal.jsonl"
-    return (rig.nft("-s", "list", "ruleset"), rig.state_bytes(),
+    return (rig.rules_as_meant(), rig.state_bytes(),
             journal.read_text() if journal.exists() else "")
 
 

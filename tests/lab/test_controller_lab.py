@@ -372,3 +372,48 @@ def test_controller_restart_keeps_inventory_history_and_states(fleet: FleetRig) 
     assert proc.returncode == 0, proc.stdout
     command(fleet, "restore", "gw1", "--reason", "after restart")
     assert all(outside_reachable(fleet))
+
+
+def test_exceptions_through_the_controller_governed_and_exact(fleet: FleetRig) -> None:
+    lab, gw0 = fleet.lab, fleet.gateways[0]
+    command(fleet, "isolate", "gw0", "gw1", "--profile", "full", "--reason", "precaution",
+            role="operator")
+    partner = f"{lab.outside_addr4}/32"
+
+    def reaches_8443() -> list[bool]:
+        return lab.check_many([("tcp", g.gw.internal_ns, lab.outside_addr4, 8443)
+                               for g in fleet.gateways[:2]])
+
+    # refused, with a clear error and nothing sent: the whole internet, by anyone; wider
+    # than the operator limit, by an operator
+    before = journal_lines(gw0)
+    for cidr, role, code, fragment in (("0.0.0.0/0", "admin", 2, "whole internet"),
+                                       ("198.51.0.0/16", "operator", 3, "needs an admin")):
+        proc = fleet.cli("allow", "gw0", "--cidr", cidr, "--proto", "tcp", "--port", "8443",
+                         "--for", "1h", "--reason", "too wide", role=role)
+        assert proc.returncode == code and fragment in proc.stderr, proc.stderr
+    assert journal_lines(gw0) == before
+
+    opened = command(fleet, "allow", "gw0", "--cidr", partner, "--proto", "tcp", "--port",
+                     "8443", "--for", "1h", "--reason", "chain partner", role="operator")
+    assert opened["results"][0]["outcome"] == "verified"
+    assert reaches_8443() == [True, False]  # only gw0, only out
+    assert not lab.tcp_ok(lab.outside_ns, gw0.gw.internal_host4, 80)
+
+    listed = command(fleet, "allow", "list", "gw0", role="viewer")
+    [exc] = listed[0]["result"]["exceptions"]
+    assert exc["flow"]["direction"] == "out" and exc["actor"] == "operator-lab"
+    command(fleet, "allow", "extend", "gw0", exc["id"], "--for", "4h",
+            "--reason", "the hearing moved", role="operator")
+    [longer] = command(fleet, "allow", "list", "gw0", role="viewer")[0]["result"]["exceptions"]
+    assert longer["remaining_seconds"] > 3 * 3600
+    assert reaches_8443() == [True, False]
+    command(fleet, "allow", "revoke", "gw0", exc["id"], "--reason", "done", role="operator")
+    assert reaches_8443() == [False, False]
+    assert command(fleet, "allow", "list", "gw0", role="viewer")[0]["result"]["exceptions"] \
+        == []
+    records = fleet.cli_json("history", "--gateway", "gw0", role="viewer")
+    assert [r["action"] for r in records if r["outcome"] == "ok"
+            and r["action"] in ("allow", "extend", "revoke")][-3:] == \
+        ["allow", "extend", "revoke"]
+    command(fleet, "restore", "gw0", "gw1", "--reason", "drill over")

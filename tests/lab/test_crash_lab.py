@@ -34,9 +34,7 @@ def big_rig(lab: Lab, tmp_path: Path) -> AgentRig:
 
 
 def table(rig: AgentRig) -> str | None:
-    proc = subprocess.run(["ip", "netns", "exec", rig.gw.ns, "nft", "-s", "list", "table",
-                           "inet", "drawbridge"], capture_output=True, text=True, check=False)
-    return proc.stdout if proc.returncode == 0 else None
+    return rig.rules_as_meant(("table", "inet", "drawbridge")) or None
 
 
 def test_kill_9_mid_apply_leaves_old_or_new_and_restart_converges(big_rig: AgentRig) -> None:

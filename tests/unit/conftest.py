@@ -10,6 +10,7 @@ from agent.config import AgentConfig, parse_config
 BASE: dict[str, Any] = {
     "gateway": "gw-ams-1",
     "internal_networks": ["10.20.0.0/16", "fd20::/48"],
+    "internal_interfaces": ["inside", "inside2"],
     "management": [
         {"cidr": "10.99.0.0/24", "proto": "tcp", "ports": [22, 9630]},
         {"cidr": "fd99::/64", "proto": "tcp", "ports": [22]},

@@ -15,6 +15,7 @@ def test_design_example_loads(tmp_path: Path) -> None:
         """
 gateway = "gw-ams-1"
 internal_networks = ["10.20.0.0/16", "fd20::/48"]
+internal_interfaces = ["inside"]
 state_dir = "/var/lib/drawbridge"
 [metrics]
 listen = "0.0.0.0:9630"
@@ -95,3 +96,13 @@ def test_port_ranges() -> None:
     with pytest.raises(ConfigError, match="reversed"):
         make_config(profiles={"p": {"allow": [
             {"cidr": "1.2.3.0/24", "proto": "tcp", "ports": ["9000-8000"]}]}})
+
+
+def test_a_pinned_management_network_inside_the_internal_networks_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"management\[0\]: 10.20.5.0/24 lies in internal"):
+        make_config(management=[{"cidr": "10.20.5.0/24", "proto": "tcp", "ports": [22],
+                                 "interface": "mgmt"}])
+    # pinned to an internal interface, or not pinned at all: fine
+    make_config(management=[{"cidr": "10.20.5.0/24", "proto": "tcp", "ports": [22],
+                             "interface": "inside"}])
+    make_config(management=[{"cidr": "10.20.5.0/24", "proto": "tcp", "ports": [22]}])

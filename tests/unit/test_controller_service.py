@@ -11,7 +11,7 @@ from prometheus_client import generate_latest
 
 from controller.audit import HistoryQuery
 from controller.auth import Role
-from controller.errors import Forbidden, NotFound
+from controller.errors import Forbidden, InputError, NotFound
 from controller.plans import parse_plan
 from controller.schemas import Targets
 from controller.service import Controller
@@ -245,6 +245,56 @@ def test_allow_and_probe(ctl: Controller, fake_fleet: FakeFleet) -> None:
     assert [r.outcome for r in res.results] == ["verified", "unverified"]
     probe = ctl.history(HistoryQuery(action="probe"))[-1]
     assert probe.detail["results"][1]["probes"][0]["name"] == "outside-web"
+
+
+def _flow(cidr: str) -> dict[str, object]:
+    return {"cidr": cidr, "proto": "tcp", "ports": [443], "direction": "out",
+            "duration_seconds": 3600}
+
+
+def test_exception_breadth_depends_on_the_role(ctl: Controller, fake_fleet: FakeFleet) -> None:
+    gw0 = Targets(gateways=("gw0",))
+    for who, cidr in ((OPERATOR, "198.51.0.0/16"), (OPERATOR, "2001:db8::/32")):
+        with pytest.raises(Forbidden, match="needs an admin"):
+            ctl.allow(who, gw0, flow=_flow(cidr), reason="too wide", ticket=None)
+    for who in (OPERATOR, ADMIN):
+        for cidr in ("0.0.0.0/0", "::/0"):
+            with pytest.raises(InputError, match="whole internet"):
+                ctl.allow(who, gw0, flow=_flow(cidr), reason="restore in all but name",
+                          ticket=None)
+    assert fake_fleet.agents["gw0"].calls == []  # nothing was sent anywhere
+    refusals = [r for r in ctl.history(HistoryQuery()) if r.outcome == "refused"]
+    assert len(refusals) == 6 and all(r.detail["request"] == "allow" for r in refusals)
+    assert ctl.allow(ADMIN, gw0, flow=_flow("198.51.0.0/16"), reason="wide, by an admin",
+                     ticket=None).ok
+    assert ctl.allow(OPERATOR, gw0, flow=_flow("203.0.113.0/24"), reason="narrow",
+                     ticket=None).ok
+
+
+def test_exceptions_are_listed_extended_and_revoked(ctl: Controller,
+                                                   fake_fleet: FakeFleet) -> None:
+    gw0 = Targets(gateways=("gw0",))
+    ctl.allow(ADMIN, gw0, flow=_flow("198.51.0.0/16"), reason="wide", ticket=None)
+    ctl.allow(OPERATOR, gw0, flow=_flow("203.0.113.0/24"), reason="narrow", ticket=None)
+    [listing] = ctl.exceptions(VIEWER, gw0)
+    wide, narrow = (e["id"] for e in listing.result["exceptions"])  # type: ignore[index]
+    with pytest.raises(Forbidden):  # an operator cannot keep a wide flow open longer
+        ctl.change_exception(OPERATOR, "extend", gateway="gw0", exception_id=wide,
+                             reason="keep it", ticket=None, duration_seconds=7200)
+    res = ctl.change_exception(OPERATOR, "extend", gateway="gw0", exception_id=narrow,
+                               reason="hearing moved", ticket="INC-7", duration_seconds=7200)
+    assert res.ok and fake_fleet.agents["gw0"].calls[-1] == (
+        "extend", {"id": narrow, "duration_seconds": 7200, "reason": "hearing moved",
+                   "actor": "olga", "ticket": "INC-7"})
+    assert ctl.change_exception(OPERATOR, "revoke", gateway="gw0", exception_id=wide,
+                                reason="closing is always allowed", ticket=None).ok
+    [listing] = ctl.exceptions(VIEWER, gw0)
+    assert [e["id"] for e in listing.result["exceptions"]] == [narrow]  # type: ignore[index]
+    assert actions(ctl, action="extend") == [("extend", "requested"), ("extend", "ok")]
+    assert actions(ctl, action="revoke") == [("revoke", "requested"), ("revoke", "ok")]
+    bad = ctl.change_exception(OPERATOR, "revoke", gateway="gw0", exception_id="0" * 12,
+                               reason="gone", ticket=None)
+    assert not bad.ok and "no live exception" in bad.results[0].message
 
 
 def test_metrics(ctl: Controller, fake_fleet: FakeFleet) -> None:

@@ -87,7 +87,22 @@ class FakeAgent:
         elif op == "restore":
             self.state, self.profile = "open", None
         elif op == "allow":
-            self.exceptions.append(dict(args))
+            flow = {k: args[k] for k in ("cidr", "proto", "ports", "direction")}
+            self.exceptions.append({
+                "id": f"{len(self.exceptions):012x}", "flow": flow, "actor": args["actor"],
+                "reason": args["reason"], "expires_at": time.time() + args["duration_seconds"],
+                "remaining_seconds": args["duration_seconds"]})
+        elif op == "exceptions":
+            return {"gateway": self.name, "exceptions": list(self.exceptions)}
+        elif op in ("extend", "revoke"):
+            found = [e for e in self.exceptions if e["id"] == args["id"]]
+            if not found:
+                raise AgentError(f"{self.name}: no live exception {args['id']!r}",
+                                 code="bad_request")
+            if op == "revoke":
+                self.exceptions.remove(found[0])
+            else:
+                found[0]["remaining_seconds"] = args["duration_seconds"]
         elif op == "probe":
             return {"probes": [{"name": "outside-web", "ok": self.verified, "type": "tcp",
                                 "target": "198.51.100.10:443", "outcome": "unreachable",

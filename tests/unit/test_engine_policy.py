@@ -12,7 +12,7 @@ from agent.engine import Engine
 from agent.errors import InputError
 from agent.state import DesiredState
 from tests.unit.conftest import make_config
-from tests.unit.fakes import RecordingNft
+from tests.unit.fakes import RecordingNft, no_reference
 
 
 def test_management_hosts_resolve_and_the_last_answer_survives_a_dns_outage(
@@ -29,7 +29,7 @@ def test_management_hosts_resolve_and_the_last_answer_survives_a_dns_outage(
 
     cfg = make_config(tmp_path, management=[
         {"host": "controller.example.net", "proto": "tcp", "ports": [22]}])
-    engine = Engine(cfg, nft=RecordingNft(), resolver=resolver)  # type: ignore[arg-type]
+    engine = Engine(cfg, nft=RecordingNft(), resolver=resolver, references=no_reference)  # type: ignore[arg-type]
     for _ in range(2):  # second round: DNS fails, the previous answer is used
         policy = engine.policy_for(DesiredState(profile="full"))
         assert policy is not None
@@ -44,7 +44,7 @@ def test_unresolvable_management_host_refuses_before_anything_is_applied(
 
     nft = RecordingNft()
     cfg = make_config(tmp_path, management=[{"host": "nowhere.invalid", "proto": "tcp"}])
-    engine = Engine(cfg, nft=nft, resolver=resolver)  # type: ignore[arg-type]
+    engine = Engine(cfg, nft=nft, resolver=resolver, references=no_reference)  # type: ignore[arg-type]
     from agent.requests import IsolateRequest
 
     with pytest.raises(InputError, match="does not resolve"):

@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from agent.config import NAME_RE, parse_network
 from agent.errors import ConfigError
-from agent.nft.render import render
+from agent.nft.render import ALL_COUNTERS, render
+from agent.nft.rules import rules_for
 from agent.policy import build_policy
 from agent.requests import AllowRequest, IsolateRequest, RestoreRequest
 from tests.unit.conftest import BASE, make_config
@@ -26,7 +27,7 @@ hostile_text = st.one_of(
               st.text(max_size=20)),
 )
 # Everything a rendered ruleset may contain: keywords, typed values, our own punctuation.
-SAFE_RULESET = re.compile(r'^[A-Za-z0-9_.:/,{}"; \t\n@=-]*$')
+SAFE_RULESET = re.compile(r'^[A-Za-z0-9_.:/,{}"; \t\n@=!*-]*$')
 
 
 @given(hostile_text)
@@ -97,12 +98,22 @@ def test_any_valid_policy_renders_only_safe_tokens(allow: list[dict[str, Any]],
     cfg = make_config(internal_networks=internal, profiles={"p": {"allow": allow}})
     script = render(build_policy(cfg, "p", now=0.0))
     assert SAFE_RULESET.fullmatch(script)
-    # quotes appear only around our own constant comments and counter names
+    # quotes appear only around our own constant comments and counter names, and the
+    # interface names of the config (which the config checked against a strict pattern)
+    comments = {r.comment for r in rules_for(build_policy(cfg, "p", now=0.0))}
+    assert all(re.fullmatch(r"[a-z0-9-]+", c) for c in comments)
     assert set(re.findall(r'"([^"]*)"', script)) <= {
-        "lo", "dropped_input", "dropped_output", "dropped_forward", "loopback", "ndp", "drop",
-        *{f"{k}{f}{s}" for k in ("exc", "allow") for f in (4, 6)
-          for s in ("-out", "-out-reply", "-in", "-in-reply")},
-        "mgmt4", "mgmt6", "internal4", "internal6"}
+        "lo", *ALL_COUNTERS, *comments, *cfg.internal_interfaces}
+
+
+@given(hostile_text)
+def test_hostile_interface_names_are_refused(name: str) -> None:
+    from agent.config import IFNAME_RE
+
+    if IFNAME_RE.fullmatch(name):
+        return
+    with pytest.raises(ConfigError, match="internal_interfaces"):
+        make_config(internal_interfaces=[name])
 
 
 def test_gateway_name_never_reaches_the_ruleset() -> None:

@@ -94,6 +94,7 @@ def test_probe_from_toml(tmp_path: Path) -> None:
     path.write_text("""
 gateway = "gw-ams-1"
 internal_networks = ["10.20.0.0/16"]
+internal_interfaces = ["inside"]
 probe_interval = 30
 [[probes]]
 name = "outside-dns6"
@@ -123,6 +124,7 @@ def test_bad_probe_in_toml_names_file_and_field(tmp_path: Path) -> None:
     path.write_text("""
 gateway = "gw-ams-1"
 internal_networks = ["10.20.0.0/16"]
+internal_interfaces = ["inside"]
 [[probes]]
 name = "web"
 type = "tcp"

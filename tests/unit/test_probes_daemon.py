@@ -9,13 +9,14 @@ from agent.daemon import Daemon
 from agent.engine import Engine
 from agent.probes_bridge import ProbeService
 from agent.state import DesiredState, VerificationResult
-from tests.unit.test_probes_verify import MGMT, WEB, FakeNet, RecordingNft, probes_config
+from tests.unit.fakes import RecordingNft, no_reference
+from tests.unit.test_probes_verify import MGMT, WEB, FakeNet, probes_config
 
 
 def make_daemon(tmp_path: Path, reachable: set[str]) -> tuple[Daemon, FakeNet]:
     cfg = probes_config(tmp_path, WEB, MGMT)
     net = FakeNet(reachable)
-    engine = Engine(cfg, nft=RecordingNft())  # type: ignore[arg-type]
+    engine = Engine(cfg, nft=RecordingNft(), references=no_reference)  # type: ignore[arg-type]
     return Daemon(cfg, engine, ProbeService(cfg.probes, runner=net)), net
 
 
@@ -73,7 +74,7 @@ def test_stale_sweep_never_overwrites_a_newer_change(tmp_path: Path) -> None:
 
 def test_without_probes_the_sweep_records_the_readback(tmp_path: Path) -> None:
     cfg = probes_config(tmp_path)
-    daemon = Daemon(cfg, Engine(cfg, nft=RecordingNft()))  # type: ignore[arg-type]
+    daemon = Daemon(cfg, Engine(cfg, nft=RecordingNft(), references=no_reference))  # type: ignore[arg-type]
     daemon.health.in_sync = True
     daemon.probe_sweep()
     assert daemon.engine.store.load().verification.status == "verified"

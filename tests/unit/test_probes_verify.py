@@ -20,13 +20,13 @@ import pytest
 
 from agent.config import ProbeConfig
 from agent.engine import Engine
-from agent.nft.facts import Facts
 from agent.probes import Measurement, ProbeResult, ProbeSpec, judge, measure, run_probes
 from agent.probes_bridge import ProbeService, probe_handler, verification_from, verifier_for
 from agent.requests import IsolateRequest, RestoreRequest
 from agent.rpc import Dispatcher
 from agent.state import DesiredState
 from tests.unit.conftest import make_config
+from tests.unit.fakes import RecordingNft, no_reference
 
 WEB = {"name": "outside-web", "type": "tcp", "target": "198.51.100.10:443",
        "expect": {"open": "reachable", "isolated": "unreachable"}}
@@ -151,24 +151,11 @@ def test_without_probes_the_readback_alone_verifies(tmp_path: Path) -> None:
     assert probe_handler(cfg)()["note"] == "no probes configured"
 
 
-class RecordingNft:
-    def check(self, script: str) -> None:
-        pass
-
-    def apply_file(self, path: str) -> None:
-        pass
-
-    def read_table(self, *, elements: bool = True) -> Facts:
-        return Facts(present=False)
-
-    def counters(self) -> dict[str, tuple[int, int]]:
-        return {}
-
-
 def test_engine_reports_failing_probes_by_name(tmp_path: Path) -> None:
     cfg = probes_config(tmp_path, WEB, MGMT)
     service = ProbeService(cfg.probes, runner=FakeNet(reachable={"outside-web", "mgmt-ssh"}))
-    engine = Engine(cfg, nft=RecordingNft(), verifier=verifier_for(cfg, service))  # type: ignore[arg-type]
+    engine = Engine(cfg, nft=RecordingNft(), verifier=verifier_for(cfg, service),  # type: ignore[arg-type]
+                    references=no_reference)
     dispatcher = Dispatcher(engine, probe=probe_handler(cfg, service))
     change = engine.isolate(IsolateRequest(profile="internet", reason="t", actor="a"))
     # the fake kernel holds no table, so the read-back differs too

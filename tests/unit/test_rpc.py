@@ -13,13 +13,13 @@ import pytest
 from agent.engine import Engine
 from agent.rpc import MAX_LINE_BYTES, Dispatcher, read_lines
 from tests.unit.conftest import make_config
-from tests.unit.fakes import RecordingNft
+from tests.unit.fakes import RecordingNft, no_reference
 
 
 @pytest.fixture
 def rig(tmp_path: Path) -> tuple[Dispatcher, RecordingNft, Path]:
     nft = RecordingNft()
-    engine = Engine(make_config(tmp_path), nft=nft)  # type: ignore[arg-type]
+    engine = Engine(make_config(tmp_path), nft=nft, references=no_reference)  # type: ignore[arg-type]
     return Dispatcher(engine), nft, tmp_path / "state"
 
 
@@ -39,7 +39,7 @@ def call(d: Dispatcher, obj: Any) -> dict[str, Any]:
         (b'{"v": 1, "op": "isolate", "args": {"reason": "x", "profile": "a;b"}}',
          "bad_request", "profile"),
         (b'{"v": 1, "op": "isolate", "args": {"reason": "x", "profile": "nope"}}',
-         "config_error", "unknown profile"),
+         "bad_request", "unknown profile"),
         (b'{"v": 1, "op": "isolate", "args": {"reason": "x", "actor": "$(reboot)"}}',
          "bad_request", "actor"),
         (b'{"v": 1, "op": "allow", "args": {"cidr": "10.0.0.0/33", "proto": "tcp", '
@@ -93,7 +93,7 @@ def test_failed_apply_restores_the_previous_desired_state(tmp_path: Path) -> Non
         def apply_file(self, path: str) -> None:
             raise NftError("Error: Could not process rule: No buffer space available")
 
-    engine = Engine(make_config(tmp_path), nft=FailingNft())  # type: ignore[arg-type]
+    engine = Engine(make_config(tmp_path), nft=FailingNft(), references=no_reference)  # type: ignore[arg-type]
     reply = Dispatcher(engine).handle_line(
         b'{"v":1,"op":"isolate","args":{"reason":"drill"}}')
     assert reply["error"]["code"] == "nft_error"
