@@ -5,12 +5,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := nftables iproute2 openssh-server openssh-client prometheus fping conntrack \
-	iptables iputils-ping procps python3-venv ansible-core \
+	iptables iputils-ping procps python3-venv postgresql ansible-core \
 	chromium poppler-utils fonts-dejavu-core
-# conntrack: the agent tears down offloaded connections; ansible-core: the Ansible role's
-# tests (deploy/ansible); chromium: the page's browser tests (driven by Playwright's pip
-# package; no browser is ever downloaded); poppler-utils: pdftotext reads the PDF report
-# back; fonts-dejavu-core: the PDF's font
+# conntrack: the agent tears down offloaded connections; postgresql: the tests start a
+# throwaway server of their own (the system service is not used); ansible-core: the
+# Ansible role's tests (deploy/ansible); chromium: the page's browser tests (driven by
+# Playwright's pip package; no browser is ever downloaded); poppler-utils: pdftotext
+# reads the PDF report back; fonts-dejavu-core: the PDF's font
 BENCH_APT_PACKAGES := curl iperf3
 # Playwright's pip package never downloads a browser by itself; say so anyway (Debian's
 # chromium is used, see tests/lab/browser.py)
@@ -35,6 +36,7 @@ deps: .stamp-apt
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	@# the Debian prometheus package starts a server on :9090; the tests run their own
+	@# (postgresql: only its binaries are used, for a throwaway cluster per test run)
 	@-systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
 	@touch $@
 

@@ -24,7 +24,7 @@ from typing import Any
 from agent import exceptions
 from agent.config import AgentConfig, FlowRule, IPNetwork
 from agent.errors import DrawbridgeError, InputError, NftError
-from agent.nft.facts import Facts, compare
+from agent.nft.facts import EXPIRY_SLACK_SECONDS, Facts, canonical, compare, flow_key
 from agent.nft.offload import bypasses, cut_offloaded
 from agent.nft.reference import References
 from agent.nft.render import (
@@ -221,12 +221,12 @@ class Engine:
             self.store.journal(action=action, profile=new.profile, result="failed",
                                error=str(exc), **who)
             raise
-        return self._finish(action, new, problems, phases, who)
+        return self._finish(action, new, problems, phases, who,
+                            self._cut_bypass(new.isolated))
 
     def _finish(self, action: str, new: DesiredState, problems: list[str], phases: Phases,
-                who: dict[str, Any], note: str = "") -> ChangeResult:
-        """After the kernel changed: cut what goes around us, verify, record, answer."""
-        bypass = self._cut_bypass(new.isolated)
+                who: dict[str, Any], bypass: tuple[str, ...]) -> ChangeResult:
+        """After the kernel changed: verify, record, answer."""
         verification = self._verify(new, not problems, bypass)
         phases.mark("verify")
         self.store.save(new.model_copy(update={"verification": verification}))
@@ -241,15 +241,15 @@ class Engine:
             state="isolated" if new.isolated else "open", profile=new.profile, changed=True,
             in_sync=not problems, problems=tuple(problems), verification=verification,
             apply_seconds=phases.times["apply"], generation=new.generation,
-            timings=phases.rounded(), bypass=bypass, note=note,
+            timings=phases.rounded(), bypass=bypass,
         )
 
     def _change_elements(self, action: str, new: DesiredState, old: DesiredState,
-                         who: dict[str, Any], *, add: list[ElementChange],
-                         remove: list[ElementChange], forget_live: bool) -> ChangeResult:
-        """An exception change as element changes of the live table: one small
-        transaction whatever the allowlist size, counters kept. The exception sets are
-        read back (they are small) and the structure is checked terse."""
+                         who: dict[str, Any], apply: Callable[[], None]) -> ChangeResult:
+        """An exception change as element changes of the live table (`apply`): small
+        transactions whatever the allowlist size, counters kept. The proof is the
+        exception sets read back; the rest of the table did not change and the
+        reconcile loop keeps comparing it (and looking for bypass paths)."""
         phases = Phases()
         policy = self.policy_for(new)
         assert policy is not None  # exceptions change only while isolated
@@ -257,18 +257,26 @@ class Engine:
         self.store.save(new)
         phases.mark("persist")
         try:
-            self.nft.apply_text(render_element_change(add=add, remove=remove,
-                                                      forget_live=forget_live))
+            apply()
         except DrawbridgeError as exc:
             self.store.save(old)
             self.store.journal(action=action, profile=new.profile, result="failed",
                                error=str(exc), **who)
             raise
         self._timed_apply(phases)
-        problems = self._compare(policy, elements=False)
-        problems += self._compare_exception_sets(policy)
+        problems = self._compare_exception_sets(policy)
         phases.mark("readback")
-        return self._finish(action, new, problems, phases, who)
+        return self._finish(action, new, problems, phases, who, self.stats.bypass)
+
+    def _extend_elements(self, old: list[ElementChange], new: list[ElementChange]) -> None:
+        """A new lifetime: re-adding an element updates its timeout where the kernel
+        supports it (Linux 6.10 and later); elsewhere the element is replaced."""
+        self.nft.apply_text(render_element_change(add=new))
+        left = self.nft.expiries(sorted({name for name, _ in new}))
+        wanted = ((name, canonical(flow_key(el)), (el.timeout or 0)) for name, el in new)
+        if any(left.get((name, key), 0) < timeout - EXPIRY_SLACK_SECONDS
+               for name, key, timeout in wanted):
+            self.nft.apply_text(render_element_change(remove=old, add=new))
 
     def _compare_exception_sets(self, policy: Policy) -> list[str]:
         live = self.nft.read_sets([name for name in policy.sets if name.startswith("exc_")])
@@ -329,9 +337,9 @@ class Engine:
             new = old.model_copy(update={"exceptions": (*live, entry),
                                          "generation": old.generation + 1})
             who = {**_who(req), "exception": entry.model_dump(mode="json")}
-            return self._change_elements("allow", new, old, who,
-                                         add=exceptions.element_changes(entry, now),
-                                         remove=[], forget_live=False)
+            changes = exceptions.element_changes(entry, now)
+            return self._change_elements("allow", new, old, who, lambda: self.nft.apply_text(
+                render_element_change(add=changes)))
 
     def extend(self, req: ExtendRequest) -> ChangeResult:
         with self.store.locked():
@@ -347,10 +355,10 @@ class Engine:
                 "generation": old.generation + 1,
             })
             who = {**_who(req), "exception": longer.model_dump(mode="json")}
+            before = exceptions.element_changes(entry, now)
+            after = exceptions.element_changes(longer, now)
             return self._change_elements("extend", new, old, who,
-                                         add=exceptions.element_changes(longer, now),
-                                         remove=exceptions.element_changes(entry, now),
-                                         forget_live=False)
+                                         lambda: self._extend_elements(before, after))
 
     def revoke(self, req: RevokeRequest) -> ChangeResult:
         with self.store.locked():
@@ -363,10 +371,16 @@ class Engine:
                 "generation": old.generation + 1,
             })
             who = {**_who(req), "exception": entry.model_dump(mode="json")}
-            # connections of the revoked flow lose their related-ICMP pass at once
-            return self._change_elements("revoke", new, old, who, add=[],
-                                         remove=exceptions.element_changes(entry, now),
-                                         forget_live=True)
+            gone = exceptions.element_changes(entry, now)
+
+            def apply() -> None:
+                # connections of the revoked flow lose their related-ICMP pass at once,
+                # and any of them that a flowtable carried is torn down
+                self.nft.apply_text(render_element_change(remove=gone, forget_live=True))
+                if self.stats.bypass:
+                    cut_offloaded()
+
+            return self._change_elements("revoke", new, old, who, apply)
 
     def list_exceptions(self) -> list[dict[str, object]]:
         state = self.store.load()
@@ -437,10 +451,12 @@ class Engine:
             verdict = with_bypass(checked, found, accepted=False)
             self.store.save(state.model_copy(update={"verification": verdict}))
 
-    def status(self) -> Status:
+    def status(self, *, elements: bool = True) -> Status:
+        """`elements=False`: the terse read-back (chains, rules, sets, not their contents),
+        for the controller's frequent polls; the reconcile loop compares contents."""
         state = self.store.load()
         policy = self.policy_for(state)
-        full = policy is None or policy.element_count() <= STATUS_FULL_READ_LIMIT
+        full = elements and (policy is None or policy.element_count() <= STATUS_FULL_READ_LIMIT)
         problems = self._compare(policy, elements=full)
         return Status(
             gateway=self.config.gateway, state="isolated" if state.isolated else "open",

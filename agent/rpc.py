@@ -57,6 +57,14 @@ class NoArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class StatusRequest(BaseModel):
+    """`elements: false` skips reading back set contents (cheap, for polls)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    elements: bool = True
+
+
 def error_response(req_id: str, code: str, message: str) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": req_id, "ok": False,
             "error": {"code": code, "message": message}}
@@ -112,8 +120,8 @@ class Dispatcher:
                 NoArgs.model_validate(args)
                 return {"gateway": engine.config.gateway, "protocol": PROTOCOL_VERSION}
             case "status":
-                NoArgs.model_validate(args)
-                return engine.status().model_dump(mode="json")
+                elements = StatusRequest.model_validate(args).elements
+                return engine.status(elements=elements).model_dump(mode="json")
             case "isolate":
                 return engine.isolate(IsolateRequest.model_validate(args)).model_dump(mode="json")
             case "restore":

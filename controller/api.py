@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import threading
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Annotated, Any, Literal
 
@@ -174,8 +173,9 @@ Operator = Annotated[Principal, Depends(_needs(Role.operator))]
 Admin = Annotated[Principal, Depends(_needs(Role.admin))]
 
 
-def _run_stream(run: Callable[[Emit], BaseModel]) -> StreamingResponse:
-    """Run a command on its own thread; stream its events as NDJSON lines."""
+def _run_stream(ctl: Controller, run: Callable[[Emit], BaseModel]) -> StreamingResponse:
+    """Run a command on the controller's bounded stream pool (fleet.stream_workers; more
+    streamed commands at once wait for a worker); stream its events as NDJSON lines."""
     events: queue.Queue[dict[str, Any] | None] = queue.Queue()
 
     def worker() -> None:
@@ -191,7 +191,7 @@ def _run_stream(run: Callable[[Emit], BaseModel]) -> StreamingResponse:
         finally:
             events.put(None)
 
-    threading.Thread(target=worker, name="command", daemon=True).start()
+    ctl.streams.submit(worker)
 
     def lines() -> Iterator[str]:
         while (item := events.get()) is not None:
@@ -292,7 +292,7 @@ def create_app(ctl: Controller) -> FastAPI:
             return ctl.run_command(gateways, action="isolate", op="isolate", actor=p.user,
                                    reason=body.reason, ticket=body.ticket,
                                    args={"profile": body.profile}, emit=emit)
-        return _run_stream(run) if _wants_stream(request) else run(lambda e: None)
+        return _run_stream(ctl, run) if _wants_stream(request) else run(lambda e: None)
 
     @app.post("/v1/restore", response_model=CommandResult | PlanResult, tags=["commands"])
     def restore(body: RestoreBody, p: Admin, request: Request) -> Any:
@@ -315,7 +315,7 @@ def create_app(ctl: Controller) -> FastAPI:
                 return ctl.run_command(gateways, action="restore", op="restore", actor=p.user,
                                        reason=body.reason, ticket=body.ticket, args={},
                                        emit=emit)
-        return _run_stream(run) if _wants_stream(request) else run(lambda e: None)
+        return _run_stream(ctl, run) if _wants_stream(request) else run(lambda e: None)
 
     @app.post("/v1/allow", response_model=CommandResult, tags=["commands"])
     def allow(body: AllowBody, p: Operator, request: Request) -> Any:
@@ -331,7 +331,7 @@ def create_app(ctl: Controller) -> FastAPI:
         def run(emit: Emit) -> CommandResult:
             return ctl.run_command(gateways, action="allow", op="allow", actor=p.user,
                                    reason=body.reason, ticket=body.ticket, args=flow, emit=emit)
-        return _run_stream(run) if _wants_stream(request) else run(lambda e: None)
+        return _run_stream(ctl, run) if _wants_stream(request) else run(lambda e: None)
 
     @app.get("/v1/exceptions", response_model=list[GatewayResult], tags=["commands"])
     def exceptions(p: Viewer, gateway: Annotated[list[str], Query()]) -> Any:
@@ -363,7 +363,7 @@ def create_app(ctl: Controller) -> FastAPI:
             return ctl.run_command(gateways, action="probe", op="probe", actor=p.user,
                                    reason=body.reason or "probe", ticket=None, args={},
                                    emit=emit)
-        return _run_stream(run) if _wants_stream(request) else run(lambda e: None)
+        return _run_stream(ctl, run) if _wants_stream(request) else run(lambda e: None)
 
     # -- history and audit -----------------------------------------------------------------
 

@@ -17,6 +17,7 @@ records off the end is detected too.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -33,7 +34,7 @@ from typing import Any
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
-from controller.db import Database
+from controller.db import Database, storable_text
 from controller.errors import ConfigError, StorageError
 
 GENESIS = "0" * 64
@@ -186,15 +187,23 @@ class AuditLog:
     # -- writing ------------------------------------------------------------------------
 
     def append(self, event: AuditEvent) -> AuditRecord:
-        """Add one record at the end of the chain (serialised; safe across threads)."""
+        """Add one record at the end of the chain (serialised; safe across threads, and
+        across controllers sharing one PostgreSQL database)."""
         targets = canonical_json(list(event.targets))
         detail = canonical_json(dict(event.detail))
+        # a reason may quote an error from a gateway: stored (and hashed) as both stores
+        # can keep it; everything else here is validated or built by the controller
+        event = dataclasses.replace(event, reason=storable_text(event.reason))
         t = self.table
         with self._lock:
             for attempt in range(5):
                 try:
                     with self.db.begin() as conn:
-                        if self._tail is None:
+                        # PostgreSQL: other controllers may append to the same chain. Their
+                        # appends and ours take turns on an advisory lock held until commit,
+                        # and the tail is read under it (our cached one may be stale).
+                        self.db.serialise(conn, "audit")
+                        if self._tail is None or self.db.is_postgresql:
                             last = conn.execute(
                                 sa.select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)
                             ).first()
@@ -218,7 +227,8 @@ class AuditLog:
                     self._tail = (seq, digest)
                     break
                 except StorageError as exc:
-                    # another controller took this seq (PostgreSQL): read the new tail, retry
+                    # another process took this seq (SQLite has no advisory locks): read the
+                    # new tail, retry
                     self._tail = None
                     if not isinstance(exc.__cause__, sa.exc.IntegrityError) or attempt == 4:
                         raise

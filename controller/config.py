@@ -27,6 +27,14 @@ class SshSettings(_Model):
     connect_timeout: float = Field(default=5.0, gt=0, le=120)
     request_timeout: float = Field(default=60.0, gt=0, le=3600)
     keepalive_seconds: int = Field(default=15, ge=0, le=3600)
+    # Liveness while a request waits (see controller/transport/liveness.py): after every
+    # `alive_interval` seconds of silence sshd is asked whether it is there (an SSH global
+    # request it answers itself, however busy the agent is); `alive_count_max` questions
+    # in a row without an answer and the gateway is unreachable: a dead link is found
+    # within alive_interval * (alive_count_max + 1) seconds (default 8), while an agent
+    # that is slow but alive still gets the whole request_timeout. 0 switches it off.
+    alive_interval: float = Field(default=2.0, ge=0, le=600)
+    alive_count_max: int = Field(default=3, ge=1, le=100)
     backoff_initial: float = Field(default=1.0, gt=0, le=600)
     backoff_max: float = Field(default=60.0, gt=0, le=3600)
     # The forced command on the gateway replaces whatever is asked for; this is
@@ -35,9 +43,19 @@ class SshSettings(_Model):
     remote_command: str = "drawbridge-agent rpc"
     max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=65536)
 
+    @property
+    def dead_after(self) -> float | None:
+        """Longest silence before a waiting request's gateway is declared unreachable."""
+        return self.alive_interval * (self.alive_count_max + 1) if self.alive_interval \
+            else None
+
 
 class FleetSettings(_Model):
+    # Worker threads, each pool bounded: requests to gateways in flight for commands
+    # (fan-out), status polls in flight, and streamed API commands running at once.
     parallelism: int = Field(default=64, ge=1, le=1024)
+    poll_parallelism: int = Field(default=16, ge=1, le=1024)
+    stream_workers: int = Field(default=16, ge=1, le=1024)
     # A state change that could not be delivered (gateway down) is retried when the
     # gateway comes back, unless a newer command replaced it or it is older than this.
     pending_ttl_seconds: float = Field(default=24 * 3600, ge=0)
@@ -53,6 +71,8 @@ class ExceptionSettings(_Model):
 class PollSettings(_Model):
     enabled: bool = True
     interval_seconds: float = Field(default=15.0, gt=0, le=86400)
+    # how long one gateway's status may take (a dead link is found sooner: ssh.alive_*)
+    timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
 
 
 class ApiSettings(_Model):

@@ -10,6 +10,12 @@ migrates on start, and a database newer than the code is refused.
 Migration steps are frozen snapshots of the schema at their version; `Schema`
 below is the current shape that queries use. A unit test checks that a
 freshly migrated database has exactly the columns `Schema` declares.
+
+PostgreSQL is a first-class store (several controllers may share one): schema
+changes and audit appends are serialised with transaction-scoped advisory locks
+(`Database.serialise`), read-modify-writes of rows use `SELECT ... FOR UPDATE`.
+SQLite is the default; it serialises writers itself, and the controller's own
+threads are serialised in-process, so the same calls are no-ops there.
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ if TYPE_CHECKING:
     from alembic.operations import Operations
 
 BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+# Keys of transaction-scoped advisory locks (PostgreSQL): one per kind of write that
+# must happen one at a time across every controller sharing the database.
+ADVISORY_LOCKS = {"migrate": 0x4442_0001, "audit": 0x4442_0002}
+PG_DRIVER = "postgresql+psycopg"
 
 
 class Schema:
@@ -107,6 +118,7 @@ class Schema:
             sa.Column("pending", sa.Text),
             sa.Column("last_command_id", sa.String(64)),
             sa.Column("host_key_seen", sa.String(80)),
+            sa.Column("row_version", BigInt, nullable=False, server_default="0"),
         )
 
 
@@ -181,6 +193,14 @@ def _m1_initial(op: Operations) -> None:
     )
 
 
+def _m2_row_version(op: Operations) -> None:
+    # Bumped by every write of a gateway's row: a status poll that read the row before
+    # asking the gateway can tell, when it comes back, whether a command (or another
+    # controller sharing the database) wrote newer facts meanwhile.
+    op.add_column("gateway_state",
+                  sa.Column("row_version", BigInt, nullable=False, server_default="0"))
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -190,6 +210,7 @@ class Migration:
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema: gateways, api_tokens, audit_log, gateway_state", _m1_initial),
+    Migration(2, "gateway_state.row_version", _m2_row_version),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
@@ -206,18 +227,56 @@ def _sqlite_pragmas(dbapi_conn: Any, record: Any) -> None:
     cur.close()
 
 
+def storable_text(value: str, limit: int | None = None) -> str:
+    """Text as both stores keep it: PostgreSQL refuses NUL characters (SQLite does not)
+    and enforces VARCHAR lengths (SQLite does not). Used where the text comes from
+    outside (a gateway's answers, error messages), never on validated input."""
+    text = value.replace("\x00", "\ufffd")
+    return text[:limit] if limit is not None else text
+
+
+def fit_row(table: sa.Table, row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with every string made storable for its column (see storable_text)."""
+    out = dict(row)
+    for column in table.columns:
+        value = out.get(column.name)
+        if isinstance(value, str):
+            length = getattr(column.type, "length", None)
+            out[column.name] = storable_text(value, length)
+    return out
+
+
+def normalise_url(url: str) -> sa.URL:
+    """Parse a database URL; a PostgreSQL URL without a driver uses psycopg 3 (the one
+    the controller ships with), not SQLAlchemy's default psycopg2."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise ConfigError(f"database_url {url!r} is not a database URL: {exc}") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername=PG_DRIVER)
+    return parsed
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.schema = Schema()
         self.engine: Engine = self._create_engine(url)
+        self.dialect = self.engine.dialect.name
+
+    @property
+    def display_url(self) -> str:
+        """The URL without its password (for messages and logs)."""
+        return normalise_url(self.url).render_as_string(hide_password=True)
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.dialect == "postgresql"
 
     @staticmethod
     def _create_engine(url: str) -> Engine:
-        try:
-            parsed = sa.make_url(url)
-        except sa.exc.ArgumentError as exc:
-            raise ConfigError(f"database_url {url!r} is not a database URL: {exc}") from None
+        parsed = normalise_url(url)
         if parsed.get_backend_name() == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 path = Path(parsed.database)
@@ -226,12 +285,12 @@ class Database:
                 except OSError as exc:
                     raise ConfigError(f"cannot create {path.parent}: {exc.strerror}") from None
             engine = sa.create_engine(
-                url, connect_args={"check_same_thread": False, "timeout": 30},
+                parsed, connect_args={"check_same_thread": False, "timeout": 30},
             )
             sa.event.listen(engine, "connect", _sqlite_pragmas)
             return engine
         try:
-            return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            return sa.create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=20)
         except (ImportError, SQLAlchemyError) as exc:
             raise ConfigError(f"cannot use database {parsed.render_as_string()}: {exc}") from None
 
@@ -245,6 +304,13 @@ class Database:
             raise StorageError(f"database error: {exc.__class__.__name__}: "
                                f"{str(exc.orig if hasattr(exc, 'orig') else exc)[:300]}") from exc
 
+    def serialise(self, conn: Connection, what: str) -> None:
+        """Hold `what`'s advisory lock until this transaction ends (PostgreSQL); other
+        controllers sharing the database wait here. A no-op on SQLite, which lets one
+        writer at a time in anyway."""
+        if self.is_postgresql:
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(ADVISORY_LOCKS[what])))
+
     def schema_version(self) -> int:
         with self.begin() as conn:
             if not sa.inspect(conn).has_table("schema_version"):
@@ -252,24 +318,29 @@ class Database:
             value = conn.execute(sa.select(sa.func.max(self.schema.schema_version.c.version)))
             return int(value.scalar() or 0)
 
-    def migrate(self) -> list[int]:
-        """Apply every migration newer than the database; returns the versions applied."""
+    def migrate(self, *, target: int = LATEST_VERSION) -> list[int]:
+        """Apply every migration newer than the database, up to `target` (tests stop at
+        older versions); returns the versions applied. Two controllers starting at once
+        on one PostgreSQL take turns: each step re-reads the version under the lock."""
         from alembic.operations import Operations  # only needed here: keeps CLI start fast
         from alembic.runtime.migration import MigrationContext
 
+        version = self.schema.schema_version.c.version
         applied: list[int] = []
-        with self.begin() as conn:
-            self.schema.schema_version.create(conn, checkfirst=True)
-            current = int(conn.execute(
-                sa.select(sa.func.max(self.schema.schema_version.c.version))).scalar() or 0)
-        if current > LATEST_VERSION:
-            raise ConfigError(
-                f"the database schema is version {current}, newer than this controller "
-                f"understands ({LATEST_VERSION}); upgrade the controller")
-        for step in MIGRATIONS:
-            if step.version <= current:
-                continue
+        for step in (None, *MIGRATIONS):
+            if step is not None and step.version > target:
+                break
             with self.begin() as conn:
+                self.serialise(conn, "migrate")
+                if step is None:  # first: the version table, and a database from the future
+                    self.schema.schema_version.create(conn, checkfirst=True)
+                current = int(conn.execute(sa.select(sa.func.max(version))).scalar() or 0)
+                if current > LATEST_VERSION:
+                    raise ConfigError(
+                        f"the database schema is version {current}, newer than this "
+                        f"controller understands ({LATEST_VERSION}); upgrade the controller")
+                if step is None or step.version <= current:
+                    continue
                 step.apply(Operations(MigrationContext.configure(conn)))
                 conn.execute(self.schema.schema_version.insert().values(
                     version=step.version, description=step.description, applied_at=time.time()))

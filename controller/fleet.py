@@ -6,6 +6,10 @@ gateway runs in acceptance order (TurnLock), so concurrent commands on the
 same gateway are serialised and the last accepted one decides its state.
 The pool is bounded; submission happens in turn order, so a queued task
 only ever waits for tasks submitted before it and the pool cannot deadlock.
+
+Background work (status polls) has its own bounded pool and takes no turn: it
+runs on the poll lane of each gateway's session, beside any command, so a
+command never waits for a poll.
 """
 
 from __future__ import annotations
@@ -111,12 +115,14 @@ ResultHook = Callable[[Gateway, GatewayLink, GatewayResult], GatewayResult]
 
 
 class Fleet:
-    def __init__(self, links: LinkRegistry, *, parallelism: int) -> None:
+    def __init__(self, links: LinkRegistry, *, parallelism: int,
+                 background_parallelism: int | None = None) -> None:
         self.links = links
         self.parallelism = parallelism
         self._pool = ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="fanout")
         # polls get their own pool: a command never queues behind background work
-        self._bg_pool = ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="poll")
+        self._bg_pool = ThreadPoolExecutor(max_workers=background_parallelism or parallelism,
+                                           thread_name_prefix="poll")
         self._accept = threading.Lock()
 
     def run(
@@ -183,14 +189,12 @@ class Fleet:
                     log.exception("result hook for %s failed", gw.name)
         return res
 
-    def map_idle(self, gateways: Sequence[Gateway],
-                 fn: Callable[[Gateway, GatewayLink], Any]) -> list[Any]:
-        """Background work (polls): `fn` runs for each gateway not busy with a command;
-        busy ones are skipped (None)."""
+    def map_background(self, gateways: Sequence[Gateway],
+                       fn: Callable[[Gateway, GatewayLink], Any]) -> list[Any]:
+        """Background work (polls): `fn` for each gateway on the background pool, beside
+        whatever commands run there (it takes no turn); None where it raised."""
         def task(gw: Gateway) -> Any:
-            link = self.links.get(gw)
-            with link.turns.idle() as got:
-                return fn(gw, link) if got else None
+            return fn(gw, self.links.get(gw))
 
         futures = [self._bg_pool.submit(task, gw) for gw in gateways]
         out = []

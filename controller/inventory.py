@@ -130,8 +130,10 @@ class Inventory:
     def all(self) -> list[Gateway]:
         t = self.table
         with self.db.begin() as conn:
-            rows = conn.execute(sa.select(t).order_by(t.c.name)).fetchall()
-        return [_gateway(r._asdict()) for r in rows]
+            rows = conn.execute(sa.select(t)).fetchall()
+        # sorted here, not by the database: PostgreSQL's collation (e.g. en_US) would
+        # order names differently from SQLite's bytewise one
+        return sorted((_gateway(r._asdict()) for r in rows), key=lambda g: g.name)
 
     def remove(self, name: str) -> Gateway:
         gw = self.get(name)

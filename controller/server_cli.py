@@ -123,7 +123,7 @@ def serve(ctx: typer.Context, listen: Annotated[str | None, typer.Option(
 def migrate(ctx: typer.Context) -> None:
     """Create or upgrade the database schema (serve does this on start, too)."""
     ctl = _open(ctx)
-    out.print(f"schema version {ctl.db.schema_version()} at {ctx.obj.config().db_url}")
+    out.print(f"schema version {ctl.db.schema_version()} at {ctl.db.display_url}")
     ctl.close()
 
 

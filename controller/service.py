@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import ValidationError
@@ -30,14 +31,13 @@ from controller.errors import (
     Forbidden,
     HostKeyMismatch,
     InputError,
-    TransportError,
 )
 from controller.exceptions import check_breadth
 from controller.fleet import CHANGE_OPS, EXCEPTION_OPS, Fleet, GatewayResult
 from controller.inventory import Gateway, Inventory, parse_address
 from controller.metrics import ControllerMetrics, FleetCollector
-from controller.observe import StateEvent, events_for_error, events_for_status
 from controller.plans import Plan
+from controller.polling import SYSTEM_ACTOR, Polls
 from controller.schemas import (
     CommandResult,
     GatewayView,
@@ -48,7 +48,7 @@ from controller.schemas import (
 )
 from controller.states import GatewayState, Pending, StateStore
 from controller.transport.link import GatewayLink, LinkRegistry, SessionFactory
-from controller.transport.protocol import AgentChange, AgentStatus
+from controller.transport.protocol import AgentChange
 from controller.transport.ssh import AgentSession, load_private_key
 from controller.web.plan_metrics import PlanStageCollector
 from controller.web.sources import AuditPlanSource
@@ -57,7 +57,6 @@ log = logging.getLogger("drawbridge.controller")
 
 Emit = Callable[[dict[str, Any]], None]
 STATE_OPS = ("isolate", "restore")
-SYSTEM_ACTOR = "controller"
 
 
 def _noop(event: dict[str, Any]) -> None:
@@ -90,12 +89,16 @@ class Controller:
         self.tokens = TokenStore(self.db)
         self.states = StateStore(self.db)
         self.links = LinkRegistry(config.ssh, session_factory=session_factory)
-        self.fleet = Fleet(self.links, parallelism=config.fleet.parallelism)
+        self.fleet = Fleet(self.links, parallelism=config.fleet.parallelism,
+                           background_parallelism=config.fleet.poll_parallelism)
+        # streamed API commands run here, not on a thread each: bounded like the rest
+        self.streams = ThreadPoolExecutor(max_workers=config.fleet.stream_workers,
+                                          thread_name_prefix="stream")
+        self.polls = Polls(self)
         self.metrics = ControllerMetrics()
         self._audit: AuditLog | None = None
         self._mismatch_reported: dict[str, str] = {}
         self._report_lock = threading.Lock()
-        self._poll_lock = threading.Lock()
         self._inflight: set[str] = set()  # commands accepted and not finished yet
         self._inflight_lock = threading.Lock()
 
@@ -118,6 +121,7 @@ class Controller:
         return self
 
     def close(self) -> None:
+        self.streams.shutdown(wait=False, cancel_futures=True)
         self.fleet.shutdown()
         self.links.close_all()
         self.db.dispose()
@@ -393,7 +397,7 @@ class Controller:
                op: str, actor: str, reason: str) -> GatewayResult:
         """Runs on the fan-out thread, still holding the gateway's turn."""
         now = self.clock()
-        self._host_key_bookkeeping(gw, link, res.error_code)
+        self.host_key_bookkeeping(gw, link, res.error_code)
         changes: dict[str, Any] = {}
         if link.host_key_seen:
             changes["host_key_seen"] = link.host_key_seen
@@ -428,7 +432,7 @@ class Controller:
                 "message": res.message + " - will retry when the gateway answers"})
         return res
 
-    def _host_key_bookkeeping(self, gw: Gateway, link: GatewayLink, code: str | None) -> None:
+    def host_key_bookkeeping(self, gw: Gateway, link: GatewayLink, code: str | None) -> None:
         """Audit a refused host key once per key seen; pin a key trusted on first use."""
         if code in ("host_key_mismatch", "host_key_unknown"):
             err = link.last_error
@@ -537,79 +541,16 @@ class Controller:
                 return f"{g.name} received another command ({current}) while the plan ran"
         return None
 
-    # -- polling and retries -------------------------------------------------------------
+    # -- polling and retries (controller/polling.py) ----------------------------------------
 
     def poll_once(self) -> dict[str, bool]:
         """Read every gateway's status; record what changed; retry pending changes."""
-        with self._poll_lock:
-            gateways = self.inventory.all()
-            seen = self.fleet.map_idle(gateways, self._poll_one)
-            reach = {g.name: bool(r) for g, r in zip(gateways, seen, strict=True) if r is not None}
-            self._retry_pending(gateways, reach)
-            return reach
+        return self.polls.poll_once()
 
-    def _poll_one(self, gw: Gateway, link: GatewayLink) -> bool:
-        now = self.clock()
-        prev = self.states.get(gw.name)
-        try:
-            raw = link.call("status", {}, respect_backoff=True,
-                            timeout=self.config.ssh.request_timeout)
-            status = AgentStatus.model_validate(raw)
-        except (TransportError, ValidationError, ControllerError) as exc:
-            error = exc if isinstance(exc, TransportError) else TransportError(
-                f"{gw.name}: {exc}", code=getattr(exc, "code", "protocol_error"))
-            self.metrics.polls.labels(result="unreachable").inc()
-            self._host_key_bookkeeping(gw, link, error.code)
-            self._record_events(gw, events_for_error(prev, error))
-            self.states.update(gw.name, reachable=False, last_error_code=error.code,
-                               last_error=error.message,
-                               host_key_seen=link.host_key_seen or prev.host_key_seen)
-            return False
-        self.metrics.polls.labels(result="ok").inc()
-        self._host_key_bookkeeping(gw, link, None)
-        self._record_events(gw, events_for_status(prev, status))
-        self.states.update(
-            gw.name, reachable=True, last_contact_at=now, last_error_code=None, last_error=None,
-            state=status.state, profile=status.profile,
-            verification=status.verification.status, in_sync=status.in_sync,
-            generation=status.generation, since=status.since, gw_actor=status.actor,
-            gw_reason=status.reason, drift_repairs=status.drift_repairs,
-            problems=status.problems, exceptions=status.exceptions, observed_at=now,
-            host_key_seen=link.host_key_seen)
-        return True
-
-    def _record_events(self, gw: Gateway, events: list[StateEvent]) -> None:
-        for ev in events:
-            self.record(AuditEvent(actor=SYSTEM_ACTOR, action=f"state.{ev.kind}",
-                                   outcome="observed", reason=ev.message, targets=(gw.name,),
-                                   detail=ev.detail))
-
-    def _retry_pending(self, gateways: Sequence[Gateway], reach: dict[str, bool]) -> None:
-        now = self.clock()
-        batches: dict[str, tuple[Pending, list[Gateway]]] = {}
-        for gw in gateways:
-            st = self.states.get(gw.name)
-            p = st.pending
-            if p is None or not reach.get(gw.name):
-                continue
-            with self._inflight_lock:
-                if p.command_id in self._inflight:
-                    continue  # being delivered right now
-            if now - p.accepted_at > self.config.fleet.pending_ttl_seconds:
-                self.states.update(gw.name, pending=None)
-                self._record_events(gw, [StateEvent(
-                    "pending_expired", f"{gw.name}: gave up {p.action} accepted "
-                    f"{now - p.accepted_at:.0f}s ago (command {p.command_id}); it was never "
-                    "delivered", {"command_id": p.command_id})])
-                continue
-            if p.delivered(st):
-                self.states.update(gw.name, pending=None)
-                continue
-            batches.setdefault(p.command_id, (p, []))[1].append(gw)
-        for p, members in batches.values():
-            log.info("retrying %s on %s", p.action, ", ".join(g.name for g in members))
-            self.run_command(members, action=p.action, op=p.op, actor=p.actor,
-                             reason=p.reason, ticket=p.ticket, args=p.args, retry_of=p)
+    def in_flight(self, command_id: str) -> bool:
+        """Accepted and not finished yet (a retry of it now would deliver it twice)."""
+        with self._inflight_lock:
+            return command_id in self._inflight
 
     # -- reading -------------------------------------------------------------------------
 

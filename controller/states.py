@@ -3,10 +3,16 @@
 `pending` is a state change that was accepted but could not be delivered
 (gateway unreachable): it is retried when the gateway answers again, unless a
 newer command replaced it or it expired. Everything here survives a restart.
+
+Every write is a read-modify-write of whole rows, so it locks them first
+(`SELECT ... FOR UPDATE` on PostgreSQL, where other threads or controllers write
+the same rows; SQLite has no row locks, and this process's writes are serialised
+by a lock instead). `row_version` counts the writes of a row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Callable
@@ -14,8 +20,10 @@ from typing import Any
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 
-from controller.db import Database
+from controller.db import Database, fit_row
 
 
 class Pending(BaseModel):
@@ -65,6 +73,7 @@ class GatewayState(BaseModel):
     pending: Pending | None = None
     last_command_id: str | None = None
     host_key_seen: str | None = None
+    row_version: int = 0
 
 
 _JSON_FIELDS = ("problems", "exceptions", "pending")
@@ -90,7 +99,32 @@ class StateStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         self.table = db.schema.gateway_state
-        self._lock = threading.Lock()
+        # SQLite: one writer per process at a time (it has no row locks to wait on).
+        # PostgreSQL: the row locks do it, across processes too.
+        self._lock: contextlib.AbstractContextManager[Any] = (
+            contextlib.nullcontext() if db.is_postgresql else threading.Lock())
+
+    def _lock_rows(self, conn: Connection, names: list[str]) -> dict[str, GatewayState]:
+        """Make sure the rows exist, then lock them (in name order: two writers of
+        overlapping sets never deadlock) and return what they hold."""
+        t = self.table
+        ordered = sorted(set(names))
+        insert = (postgresql.insert(t) if self.db.is_postgresql else sqlite.insert(t))
+        conn.execute(insert.on_conflict_do_nothing(index_elements=[t.c.name]),
+                     [{"name": n} for n in ordered])
+        rows = conn.execute(sa.select(t).where(t.c.name.in_(ordered)).order_by(t.c.name)
+                            .with_for_update()).fetchall()
+        return {r.name: _from_row(r._asdict()) for r in rows}
+
+    def _write(self, conn: Connection, old: GatewayState,
+               changes: dict[str, Any]) -> GatewayState:
+        new = GatewayState.model_validate({**old.model_dump(), **changes, "name": old.name,
+                                           "row_version": old.row_version + 1})
+        t = self.table
+        # what a gateway reported may be longer than a column or hold NUL characters
+        # (PostgreSQL refuses both, SQLite would not notice): stored fitted
+        conn.execute(t.update().where(t.c.name == old.name).values(**fit_row(t, _to_row(new))))
+        return new
 
     def get(self, name: str) -> GatewayState:
         t = self.table
@@ -108,36 +142,21 @@ class StateStore:
         return self.modify(name, lambda old: changes)
 
     def modify(self, name: str,
-               change: Callable[[GatewayState], dict[str, Any]]) -> GatewayState:
-        """Read-modify-write of one gateway's row (serialised in this process):
-        `change` sees the current state and returns the fields to set."""
-        t = self.table
+               change: Callable[[GatewayState], dict[str, Any] | None]) -> GatewayState:
+        """Read-modify-write of one gateway's row, with the row locked: `change` sees
+        the current state and returns the fields to set (None: leave the row alone)."""
         with self._lock, self.db.begin() as conn:
-            row = conn.execute(sa.select(t).where(t.c.name == name)).first()
-            old = _from_row(row._asdict()) if row else GatewayState(name=name)
-            new = GatewayState.model_validate({**old.model_dump(), **change(old)})
-            values = _to_row(new)
-            if row is None:
-                conn.execute(t.insert().values(**values))
-            else:
-                conn.execute(t.update().where(t.c.name == name).values(**values))
-        return new
+            old = self._lock_rows(conn, [name])[name]
+            changes = change(old)
+            return old if changes is None else self._write(conn, old, changes)
 
     def update_many(self, names: list[str], **changes: Any) -> None:
         """The same change to several gateways, in one transaction."""
         if not names:
             return
-        t = self.table
         with self._lock, self.db.begin() as conn:
-            rows = {r.name: _from_row(r._asdict()) for r in
-                    conn.execute(sa.select(t).where(t.c.name.in_(names))).fetchall()}
-            for name in names:
-                old = rows.get(name) or GatewayState(name=name)
-                values = _to_row(GatewayState.model_validate({**old.model_dump(), **changes}))
-                if name in rows:
-                    conn.execute(t.update().where(t.c.name == name).values(**values))
-                else:
-                    conn.execute(t.insert().values(**values))
+            for old in self._lock_rows(conn, names).values():
+                self._write(conn, old, changes)
 
     def delete(self, name: str) -> None:
         with self._lock, self.db.begin() as conn:

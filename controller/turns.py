@@ -4,7 +4,7 @@ A plain lock is not fair: two commands racing for one gateway could run in
 either order, and the gateway would end in whichever state lost the race.
 A TurnLock hands out numbered turns when a command is accepted and runs them
 strictly in that order, so the final state is always the last accepted
-command's. Background work (status polls) only runs when nothing is queued.
+command's. Background work (status polls) takes no turn: it has a lane of its own.
 """
 
 from __future__ import annotations
@@ -55,21 +55,6 @@ class TurnLock:
                 self._serving += 1
                 self._advance()
                 self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def idle(self) -> Iterator[bool]:
-        """Yields True (holding the gateway) if no command runs or waits, else False."""
-        with self._cond:
-            got = not self._busy and self._serving == self._next
-            if got:
-                self._busy = True
-        try:
-            yield got
-        finally:
-            if got:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
 
     @property
     def queued(self) -> int:

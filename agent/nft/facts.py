@@ -72,7 +72,7 @@ def _ports(value: Any) -> tuple[int, int]:
     raise ValueError(f"unexpected port element {value!r}")
 
 
-def _element_key(elem: Any, type_: Any) -> ElementKey:
+def element_key(elem: Any, type_: Any) -> ElementKey:
     if isinstance(elem, dict) and "elem" in elem:  # element with timeout/expires
         elem = elem["elem"]["val"]
     if isinstance(elem, dict) and "concat" in elem:
@@ -92,7 +92,7 @@ def _set_facts(s: Mapping[str, Any]) -> tuple[frozenset[ElementKey], str]:
     meta = {k: v for k, v in s.items() if k not in ("elem", "handle", "family", "table")}
     if s["name"] in DYNAMIC_SETS:
         return frozenset(), _canon(meta)
-    return frozenset(_element_key(e, s.get("type")) for e in s.get("elem", [])), _canon(meta)
+    return frozenset(element_key(e, s.get("type")) for e in s.get("elem", [])), _canon(meta)
 
 
 def facts_from_json(document: Mapping[str, Any], *, with_elements: bool = True) -> Facts:
@@ -124,12 +124,12 @@ def facts_from_json(document: Mapping[str, Any], *, with_elements: bool = True) 
                  tuple(others), with_elements)
 
 
-def _flow_key(el: FlowElement) -> FlowKey:
+def flow_key(el: FlowElement) -> FlowKey:
     proto = "ipv6-icmp" if el.proto == "icmp" and el.family == 6 else el.proto
     return (str(el.net), _PROTO_NUMBERS[proto], el.ports[0], el.ports[1])
 
 
-def _canonical(key: ElementKey) -> ElementKey:
+def canonical(key: ElementKey) -> ElementKey:
     def net(text: str) -> str:
         try:
             return str(ipaddress.ip_network(text))
@@ -146,8 +146,8 @@ def _canonical(key: ElementKey) -> ElementKey:
 def _set_difference(expected: frozenset[Any], found: frozenset[Any]) -> tuple[set[Any], set[Any]]:
     missing, extra = set(expected - found), set(found - expected)
     if missing and extra:  # spelling may differ (e.g. ::ffff:1.2.3.4): compare canonically
-        missing_c = {_canonical(k) for k in missing}
-        extra_c = {_canonical(k) for k in extra}
+        missing_c = {canonical(k) for k in missing}
+        extra_c = {canonical(k) for k in extra}
         missing, extra = missing_c - extra_c, extra_c - missing_c
     return missing, extra
 
@@ -165,14 +165,14 @@ def expected_elements(policy: Policy) -> dict[str, frozenset[ElementKey]]:
         sets[set_name("mgmt_rpf", fam)] = frozenset(
             str(n) for n in spoof.reverse_path if n.version == fam)
     for name, elements in policy.sets.items():
-        sets[name] = frozenset(_flow_key(el) for el in elements)
+        sets[name] = frozenset(flow_key(el) for el in elements)
     return sets
 
 
 def _fading(policy: Policy) -> frozenset[FlowKey]:
     """Exception elements that may legitimately have expired by the time we look."""
     return frozenset(
-        _flow_key(el) for el in policy.timed_elements()
+        flow_key(el) for el in policy.timed_elements()
         if el.timeout is not None and el.timeout <= EXPIRY_SLACK_SECONDS
     )
 

@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from agent.errors import NftError
-from agent.nft.facts import Facts, facts_from_json
+from agent.nft.facts import Facts, canonical, element_key, facts_from_json
 from agent.nft.libnft import OUTPUT_JSON, OUTPUT_TERSE, LibNft
 from agent.nft.render import FAMILY, TABLE
 
@@ -54,9 +54,26 @@ class Nft:
     def read_table(self, *, elements: bool = True) -> Facts:
         """Our table as facts. `elements=False` is the terse read (no set contents): what
         drift checks use between full comparisons, since listing 100k elements takes
-        seconds."""
-        flags = OUTPUT_JSON | (0 if elements else OUTPUT_TERSE)
-        return self._list("table", flags) or Facts(present=False)
+        seconds. It lists the terse *ruleset* and keeps our table: nft 1.0.6 fetches
+        every set element for `list table -t` (about 0.5 s at 100k) but not for
+        `list ruleset -t` (milliseconds)."""
+        if elements:
+            return self._list("table", OUTPUT_JSON) or Facts(present=False)
+        ours = [item for item in self.read_ruleset().get("nftables", []) if _ours(item)]
+        return facts_from_json({"nftables": ours}, with_elements=False)
+
+    def expiries(self, names: list[str]) -> dict[tuple[str, Any], int]:
+        """Seconds left of each timed element of these sets, by (set, element key)."""
+        out: dict[tuple[str, Any], int] = {}
+        for name in names:
+            doc = _parse(self._run(command=f"list set {FAMILY} {TABLE} {name}",
+                                   flags=OUTPUT_JSON))
+            for item in doc.get("nftables", []):
+                for elem in item.get("set", {}).get("elem", []):
+                    if isinstance(elem, dict) and "elem" in elem:
+                        key = canonical(element_key(elem, None))
+                        out[(name, key)] = int(elem["elem"].get("expires", 0))
+        return out
 
     def read_sets(self, names: list[str]) -> Facts:
         """Just these sets of our table, with their elements (small sets: the
@@ -79,6 +96,13 @@ class Nft:
 
     def list_text(self, what: str = "ruleset") -> str:
         return self._run(command=f"list {what}")
+
+
+def _ours(item: dict[str, Any]) -> bool:
+    body: Any = next(iter(item.values()), {})
+    if not isinstance(body, dict) or body.get("family") != FAMILY:
+        return False
+    return (body.get("name") if "table" in item else body.get("table")) == TABLE
 
 
 def _parse(out: str) -> dict[str, Any]:

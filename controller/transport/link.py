@@ -1,4 +1,9 @@
-"""A gateway's link: its persistent session, reconnect with backoff, its turn lock."""
+"""A gateway's link: its persistent session, reconnect with backoff, its turn lock.
+
+Commands (in turn order) and status polls (outside the turns) use the link at the
+same time, each on its own lane of the one session; connecting is done once for
+both, under a lock.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from typing import Any, Protocol
 from controller.config import SshSettings
 from controller.errors import ControllerError, TransportError
 from controller.inventory import Gateway
-from controller.transport.ssh import AgentSession, SshTarget
+from controller.transport.ssh import AgentSession, Lane, SshTarget
 from controller.turns import TurnLock
 
 # Requests whose repetition cannot change the outcome: safe to resend once on a fresh
@@ -29,7 +34,8 @@ class Session(Protocol):
 
     def connect(self) -> None: ...
 
-    def request(self, op: str, args: dict[str, Any], *, timeout: float | None = None) -> Any: ...
+    def request(self, op: str, args: dict[str, Any], *, timeout: float | None = None,
+                lane: Lane = "command") -> Any: ...
 
     def close(self) -> None: ...
 
@@ -83,6 +89,8 @@ class GatewayLink:
         self.host_key_seen: str | None = None
         self._session: Session | None = None
         self._lock = threading.Lock()
+        self._connect_lock = threading.Lock()
+        self._connect_attempts = 0
 
     @property
     def connected(self) -> bool:
@@ -109,6 +117,7 @@ class GatewayLink:
             wait = self.backoff.next_at - now
             raise TransportError(f"{self.last_error.message} (next attempt in {wait:.0f}s)",
                                  code=self.last_error.code)
+        self._connect_attempts += 1
         session = self.session_factory(target_of(self.gateway), self.settings)
         try:
             session.connect()
@@ -128,28 +137,47 @@ class GatewayLink:
             self._session = session
         return session
 
+    def _open_session(self, respect_backoff: bool) -> tuple[Session, bool]:
+        """The open session (reused: True) or a new one. One connect at a time: whoever
+        waited while another lane tried shares that attempt's failure instead of
+        paying for a second one."""
+        attempts = self._connect_attempts
+        with self._connect_lock:
+            session = self._session
+            if session is not None and session.alive:
+                return session, True
+            if self._connect_attempts != attempts and self.last_error is not None:
+                raise self.last_error
+            self._drop()
+            return self._connect(respect_backoff), False
+
+    def _lost(self, session: Session, exc: TransportError) -> None:
+        """After a failed request: forget the session if it died with it (a lane's
+        own failure, e.g. a poll that timed out, leaves the others' session alone)."""
+        if session.alive:
+            return
+        with self._lock:
+            if self._session is session:
+                self._session = None
+        session.close()
+        self._failed(exc)
+
     def call(self, op: str, args: dict[str, Any], *, respect_backoff: bool = False,
-             timeout: float | None = None) -> Any:
+             timeout: float | None = None, lane: Lane = "command") -> Any:
         """One request on the kept-open session, connecting first if needed. A session
         that died while idle is replaced once, for idempotent requests."""
-        session = self._session
-        reused = session is not None and session.alive
-        if session is None or not reused:
-            self._drop()
-            session = self._connect(respect_backoff)
+        session, reused = self._open_session(respect_backoff)
         try:
-            return session.request(op, args, timeout=timeout)
+            return session.request(op, args, timeout=timeout, lane=lane)
         except TransportError as exc:
-            self._drop()
+            self._lost(session, exc)
             if not (reused and exc.code == "connection_lost" and op in IDEMPOTENT_OPS):
-                self._failed(exc)
                 raise
-        session = self._connect(respect_backoff=False)
+        session, _ = self._open_session(respect_backoff=False)
         try:
-            return session.request(op, args, timeout=timeout)
+            return session.request(op, args, timeout=timeout, lane=lane)
         except TransportError as exc:
-            self._drop()
-            self._failed(exc)
+            self._lost(session, exc)
             raise
 
     def close(self) -> None:

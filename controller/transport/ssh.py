@@ -6,6 +6,11 @@ checked against the fingerprint pinned in the inventory *before* any
 authentication, so a gateway that shows another key never receives a byte of
 a command. paramiko's exceptions never leave this module: they become
 TransportError subclasses with a message a network engineer can act on.
+
+One connection, several lanes: commands go over the `command` channel, status
+polls over their own `poll` channel (opened when first needed), so a slow poll
+never holds up a command. All lanes share the connection's heartbeat
+(controller/transport/liveness.py).
 """
 
 from __future__ import annotations
@@ -13,33 +18,27 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import itertools
 import socket
 import threading
-import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-import paramiko  # type: ignore[import-untyped]
+import paramiko
 from pydantic import ValidationError
 
 from controller.config import SshSettings
 from controller.errors import (
-    AgentError,
     ConfigError,
     HostKeyMismatch,
     HostKeyUnknown,
     TransportError,
 )
-from controller.transport.protocol import (
-    MAX_REQUEST_BYTES,
-    AgentPing,
-    RpcRequest,
-    RpcResponse,
-    decode_response,
-)
+from controller.transport.channel import AgentChannel
+from controller.transport.liveness import AlivePolicy, Heartbeat, send_probe
+from controller.transport.protocol import AgentPing, RpcResponse
 
-STDERR_KEEP = 4096
+Lane = Literal["command", "poll"]
+LANES: tuple[Lane, ...] = ("command", "poll")
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -76,28 +75,26 @@ class SshTarget:
 
 
 class AgentSession:
-    """An SSH connection and one channel to `drawbridge-agent rpc`. Not thread-safe:
-    its owner (GatewayLink) serialises every use."""
+    """An SSH connection to a gateway and its channels to `drawbridge-agent rpc`, one
+    per lane. Each lane serves one request at a time; lanes run side by side."""
 
     def __init__(self, target: SshTarget, settings: SshSettings) -> None:
         self.target = target
         self.settings = settings
         self.host_key_seen: str | None = None
         self.agent_name: str | None = None
+        self.heartbeat: Heartbeat | None = None
         self._transport: paramiko.Transport | None = None
-        self._chan: paramiko.Channel | None = None
-        self._buf = b""
-        self._stderr = b""
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
+        self._lanes: dict[Lane, AgentChannel] = {}
+        self._lanes_lock = threading.Lock()
 
     # -- connection ----------------------------------------------------------------------
 
     @property
     def alive(self) -> bool:
+        command = self._lanes.get("command")
         return (self._transport is not None and self._transport.is_active()
-                and self._chan is not None and not self._chan.closed
-                and not self._chan.exit_status_ready())
+                and command is not None and command.alive)
 
     def connect(self) -> None:
         t, s = self.target, self.settings
@@ -119,7 +116,11 @@ class AgentSession:
                                  code="ssh_handshake_failed") from None
         transport.banner_timeout = s.connect_timeout
         transport.handshake_timeout = s.connect_timeout
+        transport.auth_timeout = s.connect_timeout
         self._transport = transport
+        if s.alive_interval:
+            self.heartbeat = Heartbeat(AlivePolicy(s.alive_interval, s.alive_count_max),
+                                       self._probe)
         try:
             ping = self._handshake(transport)
         except BaseException:
@@ -134,6 +135,15 @@ class AgentSession:
             refused.retryable = False
             raise refused
         self.agent_name = ping.gateway
+
+    def _probe(self) -> threading.Event:
+        transport = self._transport
+        try:
+            if transport is not None:
+                return send_probe(transport)
+        except (paramiko.SSHException, OSError, EOFError):
+            pass  # cannot even send: counts as unanswered
+        return threading.Event()
 
     def _handshake(self, transport: paramiko.Transport) -> AgentPing:
         """Key exchange, host key check, authentication, the agent channel, a ping. Any
@@ -155,15 +165,12 @@ class AgentSession:
             if s.keepalive_seconds:
                 transport.set_keepalive(s.keepalive_seconds)
             step = "starting the agent session"
-            chan = transport.open_session(timeout=s.connect_timeout)
-            chan.exec_command(s.remote_command)
+            self._lanes["command"] = self._open_lane(transport)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             codes = {"authentication": "ssh_auth_failed",
                      "starting the agent session": "session_refused"}
             raise TransportError(f"{t.where}: {step} failed: {exc or type(exc).__name__}",
                                  code=codes.get(step, "ssh_handshake_failed")) from None
-        self._chan = chan
-        self._buf = b""
         # The first answer waits for the agent process to start (Python imports): on a
         # busy gateway that takes seconds, so it gets the request timeout, not the
         # connect timeout; giving up early would only start another agent process.
@@ -173,6 +180,33 @@ class AgentSession:
         except ValidationError:
             raise TransportError(f"{t.where}: the agent's answer to ping is not protocol v1: "
                                  f"{str(raw)[:200]}", code="protocol_error") from None
+
+    def _open_lane(self, transport: paramiko.Transport) -> AgentChannel:
+        s = self.settings
+        chan = transport.open_session(timeout=s.connect_timeout)
+        chan.exec_command(s.remote_command)
+        return AgentChannel(chan, where=self.target.where, request_timeout=s.request_timeout,
+                            max_response_bytes=s.max_response_bytes,
+                            heartbeat=self.heartbeat, on_dead=self.close)
+
+    def _lane(self, lane: Lane) -> AgentChannel:
+        """The lane's channel; a lane other than `command` is (re)opened on demand."""
+        with self._lanes_lock:
+            channel = self._lanes.get(lane)
+            if channel is not None and (channel.alive or lane == "command"):
+                return channel
+            transport = self._transport
+            if transport is None or not transport.is_active():
+                raise TransportError(f"{self.target.where}: not connected",
+                                     code="connection_lost")
+            try:
+                channel = self._open_lane(transport)
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                raise TransportError(f"{self.target.where}: cannot open a {lane} channel: "
+                                     f"{exc or type(exc).__name__}",
+                                     code="session_refused") from None
+            self._lanes[lane] = channel
+            return channel
 
     def _check_host_key(self, key: paramiko.PKey) -> None:
         t = self.target
@@ -193,91 +227,24 @@ class AgentSession:
                 "new fingerprint)", expected=t.host_key, presented=seen)
 
     def close(self) -> None:
-        chan, transport = self._chan, self._transport
-        self._chan = self._transport = None
-        for thing in (chan, transport):
-            if thing is not None:
-                with contextlib.suppress(Exception):  # closing a broken session: no raise
-                    thing.close()
+        with self._lanes_lock:
+            lanes, self._lanes = list(self._lanes.values()), {}
+        transport, self._transport = self._transport, None
+        for lane in lanes:
+            lane.close()
+        if transport is not None:
+            with contextlib.suppress(Exception):  # closing a broken session: no raise
+                transport.close()
 
     # -- requests ------------------------------------------------------------------------
 
-    def request(self, op: str, args: dict[str, Any], *, timeout: float | None = None) -> Any:
-        """Send one request, return its result; AgentError if the agent refused it."""
-        req = RpcRequest(id=f"c{next(self._ids)}", op=op, args=args)
-        line = req.encode()
-        if len(line) > MAX_REQUEST_BYTES:
-            raise AgentError(f"{self.target.where}: request of {len(line)} bytes exceeds the "
-                             f"agent's limit of {MAX_REQUEST_BYTES}", code="too_large")
-        resp = self.exchange(line, timeout=timeout)
-        if resp.id != req.id:
-            self.close()
-            raise TransportError(f"{self.target.where}: answer for request {resp.id!r} "
-                                 f"arrived while waiting for {req.id!r}", code="protocol_error")
-        if not resp.ok:
-            err = resp.error
-            raise AgentError(f"{self.target.where}: the agent refused {op}: "
-                             f"{err.message if err else 'no detail'}",
-                             code=err.code if err else "internal")
-        return resp.result
+    def request(self, op: str, args: dict[str, Any], *, timeout: float | None = None,
+                lane: Lane = "command") -> Any:
+        """Send one request on `lane`, return its result; AgentError if the agent
+        refused it."""
+        return self._lane(lane).request(op, args, timeout=timeout)
 
-    def exchange(self, line: bytes, *, timeout: float | None = None) -> RpcResponse:
+    def exchange(self, line: bytes, *, timeout: float | None = None,
+                 lane: Lane = "command") -> RpcResponse:
         """Write one raw line (newline added if missing) and read one response line."""
-        chan = self._chan
-        if chan is None:
-            raise TransportError(f"{self.target.where}: not connected", code="connection_lost")
-        timeout = timeout or self.settings.request_timeout
-        with self._lock:
-            try:
-                chan.sendall(line if line.endswith(b"\n") else line + b"\n")
-            except (OSError, EOFError, paramiko.SSHException) as exc:
-                self.close()
-                raise TransportError(f"{self.target.where}: the SSH channel is gone ({exc})",
-                                     code="connection_lost") from None
-            raw = self._read_line(chan, time.monotonic() + timeout, timeout)
-        return decode_response(raw, where=self.target.where)
-
-    def _drain_stderr(self, chan: paramiko.Channel) -> None:
-        while chan.recv_stderr_ready():
-            self._stderr = (self._stderr + chan.recv_stderr(65536))[-STDERR_KEEP:]
-
-    def _read_line(self, chan: paramiko.Channel, deadline: float, timeout: float) -> bytes:
-        limit = self.settings.max_response_bytes
-        while b"\n" not in self._buf:
-            self._drain_stderr(chan)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.close()
-                raise TransportError(
-                    f"{self.target.where}: no answer from the agent within {timeout:g}s; the "
-                    "command may or may not have been applied (the next status poll will tell)",
-                    code="timeout")
-            chan.settimeout(min(remaining, 1.0))
-            try:
-                data = chan.recv(65536)
-            except TimeoutError:
-                continue
-            except (OSError, EOFError, paramiko.SSHException) as exc:
-                self.close()
-                raise TransportError(f"{self.target.where}: the SSH channel broke: {exc}",
-                                     code="connection_lost") from None
-            if not data:
-                self._drain_stderr(chan)
-                raise self._ended(chan)
-            self._buf += data
-            if len(self._buf) > limit:
-                self.close()
-                raise TransportError(f"{self.target.where}: answer larger than {limit} bytes",
-                                     code="protocol_error")
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line
-
-    def _ended(self, chan: paramiko.Channel) -> TransportError:
-        chan.status_event.wait(1.0)  # the exit status follows EOF closely, if it comes
-        status = chan.recv_exit_status() if chan.exit_status_ready() else None
-        tail = self._stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
-        self.close()
-        detail = f" (exit status {status})" if status not in (None, -1) else ""
-        said = f": {' | '.join(tail)}" if tail else ""
-        return TransportError(f"{self.target.where}: the agent session ended{detail}{said}",
-                              code="connection_lost")
+        return self._lane(lane).exchange(line, timeout=timeout)

@@ -82,6 +82,8 @@ class GatewayRig:
     agent: subprocess.Popen[bytes] | None = None
     sshd: subprocess.Popen[bytes] | None = None
     host_key: Path = field(init=False)
+    # > 0: the forced command answers `status` this many seconds late (drawbridge_lab.slowrpc)
+    status_delay: float = 0.0
 
     def __post_init__(self) -> None:
         self.host_key = self.dir / "ssh_host_ed25519_key"
@@ -93,6 +95,10 @@ class GatewayRig:
     @property
     def state_dir(self) -> Path:
         return self.dir / "state"
+
+    @property
+    def status_log(self) -> Path:
+        return self.dir / "status.log"
 
 
 class FleetRig:
@@ -111,12 +117,17 @@ class FleetRig:
         self.controller: subprocess.Popen[bytes] | None = None
         self.controller_dir = workdir / "controller"
         self.tokens: dict[str, str] = {}
+        self.database_url = ""  # empty: SQLite in the controller's state dir
 
     # -- gateways ---------------------------------------------------------------------------
 
     def authorized_keys(self, rig: GatewayRig) -> str:
         pub = self.key.with_suffix(".pub").read_text().strip()
-        lines = [f'restrict,command="{AGENT} -c {rig.config} rpc" {pub}']
+        command = f"{AGENT} -c {rig.config} rpc"
+        if rig.status_delay:
+            command = (f"{sys.executable} -m drawbridge_lab.slowrpc --delay {rig.status_delay} "
+                       f"--log {rig.status_log} -- {command}")
+        lines = [f'restrict,command="{command}" {pub}']
         if self.ansible_key is not None:  # the benchmark's unrestricted comparison key
             lines.append(self.ansible_key.with_suffix(".pub").read_text().strip())
         return "\n".join(lines) + "\n"
@@ -138,6 +149,12 @@ class FleetRig:
         rig.sshd = self.lab.start_sshd(
             rig.gw.ns, rig.gw.mgmt_addr4, 22, host_key_path=rig.host_key,
             authorized_keys_path=rig.dir / "authorized_keys", workdir=rig.dir / "sshd")
+
+    def cut_mgmt_link(self, rig: GatewayRig, *, up: bool = False) -> None:
+        """Take the gateway's management interface down (or up again), inside its own
+        namespace: like a pulled cable, no RST, no FIN; the host is not touched."""
+        self.lab.run(rig.gw.ns, ["ip", "link", "set", "dev", rig.gw.mgmt_if,
+                                 "up" if up else "down"])
 
     def stop_sshd(self, rig: GatewayRig) -> None:
         """Like the gateway's sshd going away: the listener and its open sessions."""
@@ -176,22 +193,33 @@ class FleetRig:
     def controller_config(self) -> Path:
         return self.controller_dir / "controller.toml"
 
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.controller_dir / 'state' / 'controller.db'}"
+
     def write_controller_config(self, *, poll_interval: float = 2.0,
-                                parallelism: int = 64, poll: bool = True) -> None:
+                                parallelism: int = 64, poll: bool = True,
+                                database_url: str = "",
+                                ssh: dict[str, float | int | str] | None = None) -> None:
+        """`database_url`: e.g. a drawbridge_lab.postgres server's (default SQLite);
+        `ssh`: keys of the [ssh] table to set or override."""
         self.controller_dir.mkdir(parents=True, exist_ok=True)
+        self.database_url = database_url
+        ssh_keys = {"connect_timeout": 5, "request_timeout": 120, "backoff_initial": 0.5,
+                    "backoff_max": 2, **(ssh or {})}
+        ssh_table = "\n".join(f"{k} = {json.dumps(v)}" for k, v in ssh_keys.items())
         self.controller_config.write_text(f"""
 state_dir = "{self.controller_dir / 'state'}"
+database_url = "{database_url}"
 log_level = "info"
 
 [api]
 listen = "127.0.0.1:8630"
 
+# request_timeout is generous: in the lab every gateway's agent process starts on the
+# same two CPUs
 [ssh]
-connect_timeout = 5
-# generous: in the lab every gateway's agent process starts on the same two CPUs
-request_timeout = 120
-backoff_initial = 0.5
-backoff_max = 2
+{ssh_table}
 
 [fleet]
 parallelism = {parallelism}

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from drawbridge_lab import Lab, cleanup_stale
+from drawbridge_lab.postgres import PostgresServer
 from tests.lab.agent_rig import MGMT_PORT, AgentRig
 
 LAB_TESTS = Path(__file__).resolve().parent
@@ -103,3 +104,17 @@ def rig(lab: Lab, tmp_path: Path) -> Iterator[AgentRig]:
     agent = AgentRig(lab, lab.gateways[0], tmp_path)
     yield agent
     agent.stop_daemon()
+
+
+@pytest.fixture(scope="module")
+def database_url(store_kind: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The controller's database for a module's fleet: "" (SQLite in its state dir, the
+    default) or a fresh database on the run's PostgreSQL server (parametrized)."""
+    if store_kind == "sqlite":
+        yield ""
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    name = f"lab_{secrets.token_hex(4)}"
+    url = server.create_database(name)
+    yield url
+    server.drop_database(name)

@@ -1,14 +1,14 @@
 """The controller end to end in the namespace lab: real agents, real sshd, real nftables,
 the real `drawbridge-controller serve` and the real `drawbridge` CLI, real packets.
 
-One five-gateway fleet serves the whole module; every test leaves it as it found it
-(all gateways open, every sshd up with its own host key).
+One five-gateway fleet serves the whole module, once per store (SQLite, and a
+PostgreSQL server this test run starts); every test leaves it as it found it (all
+gateways open, every sshd up with its own host key).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,18 +27,19 @@ from drawbridge_lab.fleet import (
     keygen,
     wait_for,
 )
+from tests.storage import raw_sql
 
 pytestmark = pytest.mark.lab
 N = 5
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetRig]:
+def fleet(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[FleetRig]:
     with Lab.create(gateways=N) as lab:
         rig = FleetRig(lab, tmp_path_factory.mktemp("fleet"), probes=True)
         try:
             rig.start()
-            rig.write_controller_config(poll_interval=1.0)
+            rig.write_controller_config(poll_interval=1.0, database_url=database_url)
             rig.make_tokens()
             rig.start_controller()
             rig.add_gateways()
@@ -282,42 +283,37 @@ def test_malformed_and_oversize_input_is_refused_and_changes_nothing(fleet: Flee
 
 
 def test_tampering_with_the_audit_log_is_detected_and_named(fleet: FleetRig) -> None:
-    db = fleet.controller_dir / "state" / "controller.db"
-
     def verify() -> tuple[int, str]:
         proc = fleet.cli("audit", "verify", role="viewer")
         return proc.returncode, proc.stdout + proc.stderr
 
-    def sql(statement: str, *params: object) -> Any:
-        conn = sqlite3.connect(db, timeout=30)
-        try:
-            with conn:
-                return conn.execute(statement, params).fetchall()
-        finally:
-            conn.close()
+    def sql(statement: str, **params: object) -> Any:
+        return raw_sql(fleet.db_url, statement, **params)
 
     assert verify()[0] == 0
     (seq, reason), = sql("SELECT seq, reason FROM audit_log WHERE action='isolate' AND "
                          "outcome='ok' ORDER BY seq LIMIT 1")
-    sql("UPDATE audit_log SET reason = 'routine maintenance' WHERE seq = ?", seq)
+    sql("UPDATE audit_log SET reason = 'routine maintenance' WHERE seq = :seq", seq=seq)
     code, out = verify()
     assert code == 1 and f"#{seq}" in out and "altered" in out, out
-    sql("UPDATE audit_log SET reason = ? WHERE seq = ?", reason, seq)
+    sql("UPDATE audit_log SET reason = :reason WHERE seq = :seq", reason=reason, seq=seq)
     assert verify()[0] == 0
 
-    row = sql("SELECT * FROM audit_log WHERE seq = ?", seq)[0]
-    sql("DELETE FROM audit_log WHERE seq = ?", seq)
+    row = sql("SELECT * FROM audit_log WHERE seq = :seq", seq=seq)[0]._asdict()
+    sql("DELETE FROM audit_log WHERE seq = :seq", seq=seq)
     code, out = verify()
     assert code == 1 and f"#{seq}" in out and "missing" in out, out
-    sql(f"INSERT INTO audit_log VALUES ({', '.join('?' * len(row))})", *row)
+    sql(f"INSERT INTO audit_log ({', '.join(row)}) VALUES "
+        f"({', '.join(':' + k for k in row)})", **row)
     assert verify()[0] == 0
 
-    for a, b in ((seq, -1), (seq + 1, seq), (-1, seq + 1)):  # swap two records
-        sql("UPDATE audit_log SET seq = ? WHERE seq = ?", b, a)
+    swap = ((seq, -1), (seq + 1, seq), (-1, seq + 1))  # swap two records
+    for a, b in swap:
+        sql("UPDATE audit_log SET seq = :b WHERE seq = :a", a=a, b=b)
     code, out = verify()
     assert code == 1 and f"#{seq}" in out, out
-    for a, b in ((seq, -1), (seq + 1, seq), (-1, seq + 1)):
-        sql("UPDATE audit_log SET seq = ? WHERE seq = ?", b, a)
+    for a, b in swap:
+        sql("UPDATE audit_log SET seq = :b WHERE seq = :a", a=a, b=b)
     assert verify()[0] == 0
 
 

@@ -23,6 +23,7 @@ class RecordingNft:
         self.calls.append("apply")
 
     def read_table(self, *, elements: bool = True) -> Facts:
+        self.calls.append("read" if elements else "read-terse")
         return Facts(present=False)
 
     def read_sets(self, names: list[str]) -> Facts:

@@ -17,9 +17,10 @@ from tests.unit.test_controller_support import FakeFleet, make_controller, write
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[Controller, FakeFleet, TestClient, dict[str, str]]]:
+def setup(tmp_path: Path,
+          db_url: str) -> Iterator[tuple[Controller, FakeFleet, TestClient, dict[str, str]]]:
     fleet = FakeFleet(["gw0", "gw1", "gw2"])
-    ctl = make_controller(tmp_path, fleet)
+    ctl = make_controller(tmp_path, fleet, db_url=db_url)
     tokens = {role.name: ctl.create_token(user=f"{role.name}-user", role=role,
                                           created_by="test", reason="test")
               for role in Role}

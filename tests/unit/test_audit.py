@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import itertools
 import json
-import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from controller.audit import AuditEvent, AuditKey, AuditLog, HistoryQuery, record_hash
 from controller.db import Database
+from tests.storage import raw_sql
 
 
 @pytest.fixture
-def log(tmp_path: Path) -> AuditLog:
-    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+def log(tmp_path: Path, db_url: str) -> Iterator[AuditLog]:
+    db = Database(db_url)
     db.migrate()
     key = AuditKey.load_or_create(tmp_path / "audit.key")
-    return AuditLog(db, key, head_path=tmp_path / "audit.head")
+    yield AuditLog(db, key, head_path=tmp_path / "audit.head")
+    db.dispose()
 
 
 def fill(log: AuditLog, n: int = 6) -> None:
@@ -30,11 +32,7 @@ def fill(log: AuditLog, n: int = 6) -> None:
                               detail={"i": i, "ünïcode": "✓"}))
 
 
-def sql(tmp_path: Path, statement: str, *params: object) -> None:
-    conn = sqlite3.connect(tmp_path / "c.db")
-    with conn:
-        conn.execute(statement, params)
-    conn.close()
+sql = raw_sql
 
 
 def test_chain_links_every_record(log: AuditLog) -> None:
@@ -56,70 +54,67 @@ def test_empty_log_verifies(log: AuditLog) -> None:
     ("reason", "nothing happened"), ("actor", "mallory"), ("targets", '["gw9"]'),
     ("detail", '{"i":3}'), ("ts_us", 1), ("outcome", "failed"), ("ticket", None),
 ])
-def test_edited_record_is_named(log: AuditLog, tmp_path: Path, column: str,
+def test_edited_record_is_named(log: AuditLog, db_url: str, column: str,
                                 value: object) -> None:
     fill(log)
-    sql(tmp_path, f"UPDATE audit_log SET {column} = ? WHERE seq = 4", value)
+    sql(db_url, f"UPDATE audit_log SET {column} = :value WHERE seq = 4", value=value)
     report = log.verify()
     assert not report.ok
     assert report.first_bad_seq == 4
     assert "#4" in (report.problem or "") and "altered" in (report.problem or "")
 
 
-def test_deleted_record_is_named(log: AuditLog, tmp_path: Path) -> None:
+def test_deleted_record_is_named(log: AuditLog, db_url: str) -> None:
     fill(log)
-    sql(tmp_path, "DELETE FROM audit_log WHERE seq = 3")
+    sql(db_url, "DELETE FROM audit_log WHERE seq = 3")
     report = log.verify()
     assert not report.ok and report.first_bad_seq == 4
     assert "#3" in (report.problem or "") and "missing" in (report.problem or "")
 
 
-def test_deleted_and_renumbered_is_named(log: AuditLog, tmp_path: Path) -> None:
+def test_deleted_and_renumbered_is_named(log: AuditLog, db_url: str) -> None:
     fill(log)
-    sql(tmp_path, "DELETE FROM audit_log WHERE seq = 3")
+    sql(db_url, "DELETE FROM audit_log WHERE seq = 3")
     for seq in (4, 5, 6):
-        sql(tmp_path, "UPDATE audit_log SET seq = ? WHERE seq = ?", seq - 1, seq)
+        sql(db_url, "UPDATE audit_log SET seq = :new WHERE seq = :old", new=seq - 1, old=seq)
     report = log.verify()
     assert not report.ok and report.first_bad_seq == 3
     assert "does not link" in (report.problem or "")
 
 
-def test_reordered_records_are_named(log: AuditLog, tmp_path: Path) -> None:
+def test_reordered_records_are_named(log: AuditLog, db_url: str) -> None:
     fill(log)
-    sql(tmp_path, "UPDATE audit_log SET seq = -1 WHERE seq = 2")
-    sql(tmp_path, "UPDATE audit_log SET seq = 2 WHERE seq = 3")
-    sql(tmp_path, "UPDATE audit_log SET seq = 3 WHERE seq = -1")
+    sql(db_url, "UPDATE audit_log SET seq = -1 WHERE seq = 2")
+    sql(db_url, "UPDATE audit_log SET seq = 2 WHERE seq = 3")
+    sql(db_url, "UPDATE audit_log SET seq = 3 WHERE seq = -1")
     report = log.verify()
     assert not report.ok and report.first_bad_seq == 2
 
 
-def test_truncated_tail_is_detected(log: AuditLog, tmp_path: Path) -> None:
+def test_truncated_tail_is_detected(log: AuditLog, db_url: str) -> None:
     fill(log)
-    sql(tmp_path, "DELETE FROM audit_log WHERE seq >= 5")
+    sql(db_url, "DELETE FROM audit_log WHERE seq >= 5")
     report = log.verify()
     assert not report.ok and report.first_bad_seq == 5
     assert "#5 to #6" in (report.problem or "")
 
 
-def test_rehashed_forgery_without_the_key_fails(log: AuditLog, tmp_path: Path) -> None:
+def test_rehashed_forgery_without_the_key_fails(log: AuditLog, db_url: str) -> None:
     """Someone with the database but not the key recomputes the chain with a guessed key."""
     fill(log, 3)
-    conn = sqlite3.connect(tmp_path / "c.db")
-    rows = conn.execute("SELECT seq, ts_us, actor, action, outcome, targets, reason, ticket, "
-                        "command_id, detail FROM audit_log ORDER BY seq").fetchall()
+    rows = sql(db_url, "SELECT seq, ts_us, actor, action, outcome, targets, reason, ticket, "
+               "command_id, detail FROM audit_log ORDER BY seq")
     prev = "0" * 64
-    with conn:
-        for row in rows:
-            seq, ts, actor, action, outcome, targets, reason, ticket, cid, detail = row
-            if seq == 2:
-                reason = "forged"
-            digest = record_hash(b"guess" * 8, seq=seq, ts_us=ts, actor=actor, action=action,
-                                 outcome=outcome, targets=targets, reason=reason, ticket=ticket,
-                                 command_id=cid, detail=detail, prev_hash=prev)
-            conn.execute("UPDATE audit_log SET reason=?, prev_hash=?, hash=? WHERE seq=?",
-                         (reason, prev, digest, seq))
-            prev = digest
-    conn.close()
+    for row in rows:
+        seq, ts, actor, action, outcome, targets, reason, ticket, cid, detail = row
+        if seq == 2:
+            reason = "forged"
+        digest = record_hash(b"guess" * 8, seq=seq, ts_us=ts, actor=actor, action=action,
+                             outcome=outcome, targets=targets, reason=reason, ticket=ticket,
+                             command_id=cid, detail=detail, prev_hash=prev)
+        sql(db_url, "UPDATE audit_log SET reason=:r, prev_hash=:p, hash=:h WHERE seq=:s",
+            r=reason, p=prev, h=digest, s=seq)
+        prev = digest
     report = log.verify()
     assert not report.ok and report.first_bad_seq == 1
 
@@ -160,10 +155,15 @@ def test_key_file_is_private_and_stable(tmp_path: Path) -> None:
     assert AuditKey.load_or_create(path).key == first.key
 
 
-def test_records_are_canonical_json(log: AuditLog, tmp_path: Path) -> None:
+def test_records_are_canonical_json(log: AuditLog, db_url: str) -> None:
     log.append(AuditEvent(actor="a", action="x", outcome="ok", detail={"b": 1, "a": [2]}))
-    conn = sqlite3.connect(tmp_path / "c.db")
-    (detail,) = conn.execute("SELECT detail FROM audit_log").fetchone()
-    conn.close()
+    ((detail,),) = sql(db_url, "SELECT detail FROM audit_log")
     assert detail == '{"a":[2],"b":1}'
     assert json.loads(detail) == {"a": [2], "b": 1}
+
+
+def test_reason_with_a_nul_character_is_stored_and_verifies(log: AuditLog) -> None:
+    log.append(AuditEvent(actor="controller", action="state.unreachable", outcome="observed",
+                          reason="agent said: \x00garbage"))
+    assert log.query(HistoryQuery())[0].reason == "agent said: \ufffdgarbage"
+    assert log.verify().ok

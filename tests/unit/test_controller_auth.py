@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-import sqlite3
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
 from controller.auth import Role, TokenStore
 from controller.db import Database
 from controller.errors import InputError, NotFound, Unauthorized
+from tests.storage import raw_sql
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> TokenStore:
-    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+def store(db_url: str) -> Iterator[TokenStore]:
+    db = Database(db_url)
     db.migrate()
-    return TokenStore(db)
+    yield TokenStore(db)
+    db.dispose()
 
 
-def test_token_round_trip_and_hash_only(store: TokenStore, tmp_path: Path) -> None:
+def test_token_round_trip_and_hash_only(store: TokenStore, db_url: str) -> None:
     token = store.create(user="alice", role=Role.operator, created_by="root@host")
     p = store.authenticate(token)
     assert (p.user, p.role) == ("alice", Role.operator)
     secret = token.split("_", 2)[2]
-    conn = sqlite3.connect(tmp_path / "c.db")
-    dump = "\n".join(conn.iterdump())
-    conn.close()
+    dump = "\n".join(str(tuple(row)) for row in raw_sql(db_url, "SELECT * FROM api_tokens"))
+    assert token.split("_")[1] in dump
     assert secret not in dump
 
 

@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -20,13 +19,15 @@ from controller.api import create_app
 from controller.auth import Role
 from controller.cli import app
 from controller.service import Controller
+from tests.storage import raw_sql
 from tests.unit.test_controller_support import KEY_A, FakeFleet, make_controller, write_key
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[Controller, FakeFleet, str, dict[str, str]]]:
+def served(tmp_path: Path,
+           db_url: str) -> Iterator[tuple[Controller, FakeFleet, str, dict[str, str]]]:
     fleet = FakeFleet(["gw0", "gw1", "gw2"])
-    ctl = make_controller(tmp_path, fleet)
+    ctl = make_controller(tmp_path, fleet, db_url=db_url)
     tokens = {r.name: ctl.create_token(user=f"{r.name}-user", role=r, created_by="t",
                                        reason="t") for r in Role}
     sock = socket.socket()
@@ -126,11 +127,7 @@ def test_audit_verify_names_the_tampered_record(served) -> None:  # type: ignore
     run(url, tokens["operator"], "isolate", "--all", "--reason", "x")
     code, out = run(url, tokens["viewer"], "audit", "verify")
     assert code == 0 and "intact" in out
-    db = ctl.config.state_dir / "controller.db"
-    conn = sqlite3.connect(db)
-    with conn:
-        conn.execute("UPDATE audit_log SET reason = 'nothing to see' WHERE seq = 5")
-    conn.close()
+    raw_sql(ctl.config.db_url, "UPDATE audit_log SET reason = 'nothing to see' WHERE seq = 5")
     code, out = run(url, tokens["viewer"], "audit", "verify")
     assert code == 1 and "#5" in out and "altered" in out
 

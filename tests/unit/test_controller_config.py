@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from agent.config import parse_listen
 from controller.config import ControllerConfig, load_config
+from controller.db import LATEST_VERSION
 from controller.errors import ConfigError, InputError
 from controller.server_cli import app
 from controller.timeparse import parse_when
@@ -62,12 +63,12 @@ def test_parse_when() -> None:
         parse_when("last tuesday", now)
 
 
-def test_host_commands(tmp_path: Path) -> None:
+def test_host_commands(tmp_path: Path, db_url: str) -> None:
     cfg = tmp_path / "controller.toml"
-    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\ndatabase_url = "{db_url}"\n')
     runner = CliRunner()
     result = runner.invoke(app, ["-c", str(cfg), "migrate"])
-    assert result.exit_code == 0 and "schema version 1" in result.output
+    assert result.exit_code == 0 and f"schema version {LATEST_VERSION}" in result.output
     result = runner.invoke(app, ["-c", str(cfg), "token", "create", "--user", "lead",
                                  "--role", "admin"])
     assert result.exit_code == 0 and result.output.startswith("dbt_")

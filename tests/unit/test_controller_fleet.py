@@ -101,13 +101,22 @@ def test_same_gateway_commands_are_serialised_last_accepted_wins() -> None:
     fleet.shutdown()
 
 
-def test_idle_map_skips_busy_gateways() -> None:
-    _fake, fleet, gws = make(["a", "b"])
-    link = fleet.links.get(gws[0])
-    turn = link.turns.take()
-    with link.turns.turn(turn):
-        out = fleet.map_idle(gws, lambda gw, lk: lk.call("status", {})["state"])
-    assert out == [None, "open"]
+def test_background_work_runs_beside_commands_and_never_delays_them() -> None:
+    """A slow poll (status) of a gateway and a command to it at the same time: the
+    command does not wait for the poll (it has a lane of its own, and no turn)."""
+    fake, fleet, gws = make(["a", "b"])
+    fake.agents["a"].status_delay = 1.0
+    polled: list[Any] = []
+    poller = threading.Thread(target=lambda: polled.extend(fleet.map_background(
+        gws, lambda gw, lk: lk.call("status", {}, lane="poll")["state"])))
+    poller.start()
+    time.sleep(0.2)  # the poll of "a" is in its slow status now
+    started = time.perf_counter()
+    res = fleet.run(gws[:1], "isolate", args)
+    took = time.perf_counter() - started
+    assert res[0].outcome == "verified" and took < 0.5, took
+    poller.join(5)
+    assert polled[1] == "open" and polled[0] in ("open", "isolated")
     fleet.shutdown()
 
 

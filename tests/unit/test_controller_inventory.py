@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 from pydantic import ValidationError
@@ -47,14 +47,15 @@ def test_fingerprint_format(fp: str) -> None:
 
 
 @pytest.fixture
-def inv(tmp_path: Path) -> Inventory:
-    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+def inv(db_url: str) -> Iterator[Inventory]:
+    db = Database(db_url)
     db.migrate()
     inventory = Inventory(db)
     for i, groups in enumerate([("ams",), ("ams", "core"), ("rtm",)]):
         inventory.add(Gateway(name=f"gw{i}", host=f"10.99.0.{100 + i}", key_path="/k",
                               host_key=FP, groups=groups))
-    return inventory
+    yield inventory
+    db.dispose()
 
 
 def test_add_refuses_duplicates_and_missing_key(inv: Inventory) -> None:
@@ -83,8 +84,8 @@ def test_select(inv: Inventory) -> None:
         inv.select(names=("gw0",), all_gateways=True)
 
 
-def test_trust_on_first_use_pins_once(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+def test_trust_on_first_use_pins_once(db_url: str) -> None:
+    db = Database(db_url)
     db.migrate()
     inv = Inventory(db)
     inv.add(Gateway(name="gw", host="10.0.0.1", key_path="/k", trust_on_first_use=True))

@@ -33,8 +33,8 @@ def fake_fleet() -> FakeFleet:
 
 
 @pytest.fixture
-def ctl(tmp_path: Path, fake_fleet: FakeFleet) -> Iterator[Controller]:
-    controller = make_controller(tmp_path, fake_fleet)
+def ctl(tmp_path: Path, fake_fleet: FakeFleet, db_url: str) -> Iterator[Controller]:
+    controller = make_controller(tmp_path, fake_fleet, db_url=db_url)
     yield controller
     controller.close()
 
@@ -101,9 +101,10 @@ def test_newer_command_replaces_a_pending_one(ctl: Controller, fake_fleet: FakeF
     assert agent.state == "open"
 
 
-def test_pending_expires(tmp_path: Path) -> None:
+def test_pending_expires(tmp_path: Path, db_url: str) -> None:
     fleet = FakeFleet(["gw0"])
-    c = make_controller(tmp_path, fleet, fleet={"pending_ttl_seconds": 0, "parallelism": 4})
+    c = make_controller(tmp_path, fleet, db_url=db_url,
+                        fleet={"pending_ttl_seconds": 0, "parallelism": 4})
     fleet.agents["gw0"].up = False
     c.isolate(OPERATOR, ALL, profile="internet", reason="x", ticket=None)
     fleet.agents["gw0"].up = True
@@ -131,9 +132,9 @@ def test_changed_host_key_is_refused_audited_once_and_nothing_sent(
     assert next(v for v in ctl.views() if v.name == "gw4").pending is None
 
 
-def test_trust_on_first_use_pins_and_then_holds(tmp_path: Path) -> None:
+def test_trust_on_first_use_pins_and_then_holds(tmp_path: Path, db_url: str) -> None:
     fleet = FakeFleet(["gw0"])
-    c = make_controller(tmp_path, fleet, add=False)
+    c = make_controller(tmp_path, fleet, db_url=db_url, add=False)
     from tests.unit.test_controller_support import write_key
 
     c.add_gateway(ADMIN, name="gw0", address="10.99.0.100", user="root",
@@ -216,14 +217,14 @@ def test_refusals_are_audited(ctl: Controller) -> None:
     assert "typo" in refused[0].reason
 
 
-def test_restart_keeps_inventory_history_and_state(tmp_path: Path) -> None:
+def test_restart_keeps_inventory_history_and_state(tmp_path: Path, db_url: str) -> None:
     fleet = FakeFleet(["gw0", "gw1"])
-    c = make_controller(tmp_path, fleet)
+    c = make_controller(tmp_path, fleet, db_url=db_url)
     fleet.agents["gw1"].up = False
     c.isolate(OPERATOR, ALL, profile="internet", reason="x", ticket="T-1")
     before = (c.views(), c.history(HistoryQuery()))
     c.close()
-    again = make_controller(tmp_path, fleet, add=False)
+    again = make_controller(tmp_path, fleet, db_url=db_url, add=False)
     assert again.views() == before[0]
     assert again.history(HistoryQuery()) == before[1]
     assert again.verify_audit().ok

@@ -7,6 +7,7 @@ exec channel, like `drawbridge-agent rpc` behind a forced command.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import threading
@@ -38,7 +39,7 @@ class _Engine:
     def __init__(self, name: str) -> None:
         self.config = SimpleNamespace(gateway=name)
 
-    def status(self) -> Any:
+    def status(self, *, elements: bool = True) -> Any:
         data = {"gateway": self.config.gateway, "state": "open", "profile": None,
                 "since": 0.0, "actor": "system", "reason": "", "in_sync": True, "problems": [],
                 "verification": {"status": "verified"}, "exceptions": [], "generation": 0,
@@ -55,6 +56,7 @@ class FakeSshd:
     client_pub: paramiko.PKey
     agent_name: str = "gw-test"
     mode: str = "agent"  # agent | silent | exit
+    delays: dict[str, float] = field(default_factory=dict)  # op -> seconds before answering
     auth_attempts: int = 0
     execs: list[str] = field(default_factory=list)
     port: int = 0
@@ -97,6 +99,8 @@ class FakeSshd:
             for line in read_lines(chan.makefile("rb")):
                 if self.mode == "silent":
                     continue
+                with contextlib.suppress(ValueError, AttributeError):
+                    time.sleep(self.delays.get(json.loads(line).get("op"), 0.0))
                 chan.sendall(encode(dispatcher.handle_line(line)))
             chan.close()
 
@@ -255,3 +259,129 @@ def test_silent_agent_times_out(sshd: FakeSshd, keys: dict[str, Path]) -> None:
     with pytest.raises(TransportError) as info:
         session.connect()
     assert info.value.code == "timeout" and not session.alive
+
+
+# -- liveness and lanes -----------------------------------------------------------------
+
+
+class CuttableLink:
+    """A TCP relay in front of the fake sshd whose wire can be cut: from then on bytes
+    are swallowed both ways, like a dead link (no RST, no FIN; the relay's kernel even
+    keeps ACKing, so only an answer from sshd itself proves the peer alive)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.cut = threading.Event()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(4)
+        self.port = self._listener.getsockname()[1]
+        self._socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self._listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self._socks += [down, up]
+            for src, dst in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if not self.cut.is_set():
+                    dst.sendall(data)
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._socks:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+ALIVE = SshSettings(connect_timeout=3, request_timeout=10, alive_interval=0.2,
+                    alive_count_max=2)  # dead after 0.6 s of unanswered silence
+
+
+def test_slow_agent_keeps_its_whole_request_timeout(sshd: FakeSshd,
+                                                    keys: dict[str, Path]) -> None:
+    """Silent for 5x the liveness bound, but sshd answers the keepalives: not dead."""
+    session = AgentSession(target(sshd, keys), ALIVE)
+    session.connect()
+    sshd.delays["status"] = 3.0
+    started = time.monotonic()
+    assert session.request("status", {})["state"] == "open"
+    assert time.monotonic() - started >= 3.0 and session.alive
+    session.close()
+
+
+def test_cut_link_is_unreachable_within_the_bound(sshd: FakeSshd,
+                                                  keys: dict[str, Path]) -> None:
+    link = CuttableLink(sshd.port)
+    try:
+        session = AgentSession(target(sshd, keys, port=link.port), ALIVE)
+        session.connect()
+        assert session.request("ping", {})["gateway"] == "gw-test"
+        link.cut.set()
+        started = time.monotonic()
+        with pytest.raises(TransportError, match="stopped answering") as info:
+            session.request("status", {})
+        took = time.monotonic() - started
+        assert ALIVE.dead_after is not None
+        assert ALIVE.dead_after - 0.1 <= took <= ALIVE.dead_after + 1.0, took
+        assert info.value.code == "unreachable" and info.value.retryable
+        assert not session.alive
+    finally:
+        link.close()
+
+
+def test_without_liveness_a_cut_link_waits_for_the_request_timeout(
+        sshd: FakeSshd, keys: dict[str, Path]) -> None:
+    link = CuttableLink(sshd.port)
+    try:
+        settings = SshSettings(connect_timeout=3, request_timeout=1.5, alive_interval=0)
+        session = AgentSession(target(sshd, keys, port=link.port), settings)
+        session.connect()
+        link.cut.set()
+        with pytest.raises(TransportError) as info:
+            session.request("status", {})
+        assert info.value.code == "timeout"
+    finally:
+        link.close()
+
+
+def test_polls_have_their_own_channel_and_never_delay_commands(
+        sshd: FakeSshd, keys: dict[str, Path]) -> None:
+    session = AgentSession(target(sshd, keys), ALIVE)
+    session.connect()
+    sshd.delays["status"] = 2.0
+    polled: list[Any] = []
+    poll = threading.Thread(target=lambda: polled.append(
+        session.request("status", {}, lane="poll")))
+    poll.start()
+    time.sleep(0.3)  # the poll waits for its slow status now
+    started = time.monotonic()
+    assert session.request("ping", {})["gateway"] == "gw-test"
+    assert time.monotonic() - started < 0.5
+    poll.join(10)
+    assert polled and polled[0]["state"] == "open"
+    assert sshd.execs == ["drawbridge-agent rpc"] * 2  # one agent process per lane
+    session.close()
+
+
+def test_a_poll_lane_failure_leaves_the_command_lane_alone(
+        sshd: FakeSshd, keys: dict[str, Path]) -> None:
+    session = AgentSession(target(sshd, keys), ALIVE)
+    session.connect()
+    sshd.delays["status"] = 2.0
+    with pytest.raises(TransportError) as info:
+        session.request("status", {}, lane="poll", timeout=0.5)
+    assert info.value.code == "timeout"
+    assert session.alive and session.request("ping", {})["gateway"] == "gw-test"
+    sshd.delays.clear()
+    assert session.request("status", {}, lane="poll")["state"] == "open"  # reopened
+    session.close()

@@ -33,6 +33,8 @@ class FakeAgent:
     reason: str = ""
     verified: bool = True
     delay: float = 0.0
+    status_delay: float = 0.0  # a slow status (a poll that takes long)
+    plain_status_only: bool = False  # an agent from before `status {"elements": false}`
     epoch: int = 0  # bumping it kills open sessions (sshd restarted)
     unnoticed: bool = False  # a killed session still looks alive until it is used
     fail: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -68,7 +70,13 @@ class FakeAgent:
                 if op in self.fail:
                     code, message = self.fail[op]
                     raise AgentError(f"{self.name}: {message}", code=code)
-                return self._apply(op, args)
+                if op == "status" and args and self.plain_status_only:
+                    raise AgentError(f"{self.name}: status arguments: extra inputs are not "
+                                     "permitted", code="bad_request")
+                answer = self._apply(op, args)
+            if op == "status" and self.status_delay:
+                time.sleep(self.status_delay)  # read first, answered late: like a real one
+            return answer
         finally:
             with self.lock:
                 self.active -= 1
@@ -128,6 +136,7 @@ class FakeSession:
         self.target = target
         self.host_key_seen: str | None = None
         self.epoch: int | None = None
+        self.lanes: list[str] = []
 
     @property
     def agent(self) -> FakeAgent:
@@ -158,7 +167,9 @@ class FakeSession:
         agent.connects += 1
         self.epoch = agent.epoch
 
-    def request(self, op: str, args: dict[str, Any], *, timeout: float | None = None) -> Any:
+    def request(self, op: str, args: dict[str, Any], *, timeout: float | None = None,
+                lane: str = "command") -> Any:
+        self.lanes.append(lane)
         if not self._really_alive():
             self.epoch = None
             raise TransportError(f"{self.target.name}: the agent session ended",
@@ -183,9 +194,10 @@ OPERATOR = Principal(user="olga", role=Role.operator, token_id="t-op")
 VIEWER = Principal(user="vic", role=Role.viewer, token_id="t-view")
 
 
-def make_config(tmp: Path, **overrides: Any) -> ControllerConfig:
+def make_config(tmp: Path, *, db_url: str, **overrides: Any) -> ControllerConfig:
     data: dict[str, Any] = {
         "state_dir": str(tmp / "state"),
+        "database_url": db_url,
         "ssh": {"backoff_initial": 0.01, "backoff_max": 0.05, "request_timeout": 5},
         "fleet": {"parallelism": 8},
         "poll": {"enabled": False},
@@ -194,9 +206,12 @@ def make_config(tmp: Path, **overrides: Any) -> ControllerConfig:
     return ControllerConfig.model_validate(data)
 
 
-def make_controller(tmp: Path, fakes: FakeFleet, *, keyfile: Path | None = None,
-                    add: bool = True, **overrides: Any) -> Controller:
-    ctl = Controller(make_config(tmp, **overrides), session_factory=fakes.factory).open()
+def make_controller(tmp: Path, fakes: FakeFleet, *, db_url: str,
+                    keyfile: Path | None = None, add: bool = True,
+                    **overrides: Any) -> Controller:
+    """A controller on the store under test (`db_url`, from the parametrized fixture)."""
+    ctl = Controller(make_config(tmp, db_url=db_url, **overrides),
+                     session_factory=fakes.factory).open()
     if add:
         key = keyfile or write_key(tmp)
         for i, name in enumerate(fakes.agents):

@@ -1,4 +1,4 @@
-"""TurnLock: commands on one gateway run in acceptance order; polls only when idle."""
+"""TurnLock: commands on one gateway run in acceptance order."""
 
 from __future__ import annotations
 
@@ -43,19 +43,3 @@ def test_cancelled_turn_does_not_block_the_queue() -> None:
 
     threading.Thread(target=run).start()
     assert done.wait(2)
-
-
-def test_idle_only_when_nothing_queued() -> None:
-    lock = TurnLock()
-    with lock.idle() as got:
-        assert got
-        with lock.idle() as again:
-            assert not again
-    turn = lock.take()
-    with lock.idle() as got:
-        assert not got  # a command is waiting
-    with lock.turn(turn):
-        pass
-    with lock.idle() as got:
-        assert got
-    assert lock.queued == 0

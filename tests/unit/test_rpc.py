@@ -101,3 +101,14 @@ def test_failed_apply_restores_the_previous_desired_state(tmp_path: Path) -> Non
     assert state.profile is None and state.generation == 0
     journal = engine.store.read_journal()
     assert journal[-1]["result"] == "failed" and "No buffer space" in journal[-1]["error"]
+
+
+def test_status_terse_for_polls(rig: tuple[Dispatcher, RecordingNft, Path]) -> None:
+    """`{"elements": false}` (controller polls) skips reading back set contents; the
+    plain request (older controllers, the CLI) reads them as before."""
+    d, nft, _ = rig
+    assert call(d, {"v": 1, "id": "a", "op": "status", "args": {"elements": False}})["ok"]
+    assert call(d, {"v": 1, "id": "b", "op": "status"})["ok"]
+    assert nft.calls[-2:] == ["read-terse", "read"]
+    bad = call(d, {"v": 1, "id": "c", "op": "status", "args": {"elements": "maybe"}})
+    assert bad["error"]["code"] == "bad_request"

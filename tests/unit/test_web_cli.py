@@ -38,8 +38,8 @@ def test_report_command(served, tmp_path: Path,  # type: ignore[no-untyped-def] 
     assert code == 3
 
 
-def test_plan_stage_metric(tmp_path: Path) -> None:
-    ctl = make_controller(tmp_path, FakeFleet(["gw0", "gw1"]))
+def test_plan_stage_metric(tmp_path: Path, db_url: str) -> None:
+    ctl = make_controller(tmp_path, FakeFleet(["gw0", "gw1"]), db_url=db_url)
     try:
         assert b"drawbridge_plan_stage_info" not in generate_latest(ctl.metrics.registry)
         ctl.isolate(OPERATOR, Targets(all=True), profile="full", reason="x", ticket=None)

@@ -21,9 +21,10 @@ HOSTILE = ("<script>alert(1)</script>", '"><svg onload=alert(2)>', "all clear \u
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[Controller, FakeFleet, dict[str, str]]]:
+def setup(tmp_path: Path,
+          db_url: str) -> Iterator[tuple[Controller, FakeFleet, dict[str, str]]]:
     fleet = FakeFleet(["gw0", "gw1"])
-    ctl = make_controller(tmp_path, fleet)
+    ctl = make_controller(tmp_path, fleet, db_url=db_url)
     tokens = {role.name: ctl.create_token(user=f"{role.name}-user", role=role,
                                           created_by="test", reason="test") for role in Role}
     yield ctl, fleet, tokens
