@@ -9,7 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.config import format_validation_error, parse_listen, read_toml
 from agent.errors import ConfigError as AgentConfigError
@@ -75,16 +82,49 @@ class PollSettings(_Model):
     timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
 
 
+class ReplicaSettings(_Model):
+    """Several controllers on one PostgreSQL database (controller/replicas.py)."""
+
+    # None: on with PostgreSQL, off with SQLite (which holds one controller only).
+    # false on PostgreSQL: this controller alone uses the database (as before replicas).
+    enabled: bool | None = None
+    # A gateway's lease: held by one replica, renewed every renew_interval_seconds,
+    # taken over by another replica once it is lease_ttl_seconds old. A killed
+    # replica's gateways are taken over within lease_ttl + renew_interval seconds.
+    lease_ttl_seconds: float = Field(default=6.0, gt=0, le=3600)
+    renew_interval_seconds: float = Field(default=2.0, gt=0, le=600)
+    # How often an idle replica looks for queued commands of its gateways and for the
+    # results of commands it accepted (it is also woken at once when it queues one)
+    queue_poll_seconds: float = Field(default=0.1, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _renew_before_expiry(self) -> ReplicaSettings:
+        if self.renew_interval_seconds * 2 > self.lease_ttl_seconds:
+            raise ValueError(f"renew_interval_seconds ({self.renew_interval_seconds:g}) must "
+                             f"be at most half of lease_ttl_seconds "
+                             f"({self.lease_ttl_seconds:g}): a lease must survive a late renewal")
+        return self
+
+
 class ApiSettings(_Model):
     listen: str = "127.0.0.1:8630"
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     metrics_require_token: bool = False
+    # HTTPS: uvicorn serves TLS itself with these (PEM files; both or neither)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
         parse_listen(value)
         return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (give both, or neither)")
+        return self
 
     @property
     def host(self) -> str:
@@ -95,8 +135,14 @@ class ApiSettings(_Model):
         return parse_listen(self.listen)[1]
 
 
+REPLICA_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
 class ControllerConfig(_Model):
     state_dir: Path = DEFAULT_STATE_DIR
+    # This controller's name among replicas (default: made on first start and kept in
+    # <state_dir>/controller.id); unique per process, not per host
+    replica_id: str | None = Field(default=None, pattern=REPLICA_ID_RE)
     database_url: str = ""  # default: sqlite:///<state_dir>/controller.db
     audit_key_file: Path | None = None  # default: <state_dir>/audit.key
     api: ApiSettings = ApiSettings()
@@ -104,6 +150,7 @@ class ControllerConfig(_Model):
     fleet: FleetSettings = FleetSettings()
     poll: PollSettings = PollSettings()
     exceptions: ExceptionSettings = ExceptionSettings()
+    replicas: ReplicaSettings = ReplicaSettings()
     log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
 
     @property
@@ -117,6 +164,10 @@ class ControllerConfig(_Model):
     @property
     def audit_head_path(self) -> Path:
         return self.state_dir / "audit.head"
+
+    @property
+    def instance_id_path(self) -> Path:
+        return self.state_dir / "controller.id"
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> ControllerConfig:

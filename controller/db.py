@@ -120,6 +120,69 @@ class Schema:
             sa.Column("host_key_seen", sa.String(80)),
             sa.Column("row_version", BigInt, nullable=False, server_default="0"),
         )
+        self.replicas = sa.Table("replicas", m, *_replica_columns())
+        self.gateway_leases = sa.Table("gateway_leases", m, *_lease_columns())
+        self.commands = sa.Table(
+            "commands", m, *_command_columns(),
+            sa.Index("ix_commands_gateway_seq", "gateway", "seq"),
+            sa.Index("ix_commands_command_id", "command_id"),
+            sa.Index("ix_commands_state", "state"),
+        )
+
+
+def _replica_columns() -> list[sa.Column[Any]]:
+    # Live controllers sharing the database: a heartbeat renewed with their leases.
+    return [
+        sa.Column("replica_id", sa.String(64), primary_key=True),
+        sa.Column("incarnation", sa.String(32), nullable=False),
+        sa.Column("host", sa.String(255), nullable=False),
+        sa.Column("pid", sa.Integer, nullable=False),
+        sa.Column("api", sa.String(255), nullable=False),
+        sa.Column("started_at", sa.Float, nullable=False),
+        sa.Column("heartbeat_at", sa.Float, nullable=False),
+        sa.Column("expires_at", sa.Float, nullable=False),
+    ]
+
+
+def _lease_columns() -> list[sa.Column[Any]]:
+    # Which replica holds which gateway, until when (the database's clock); `epoch` is
+    # bumped whenever the lease changes hands (a fencing token for queued commands).
+    return [
+        sa.Column("gateway", sa.String(63), primary_key=True),
+        sa.Column("owner", sa.String(64)),
+        sa.Column("incarnation", sa.String(32)),
+        sa.Column("epoch", BigInt, nullable=False, server_default="0"),
+        sa.Column("expires_at", sa.Float, nullable=False, server_default="0"),
+        sa.Column("acquired_at", sa.Float),
+    ]
+
+
+def _command_columns() -> list[sa.Column[Any]]:
+    # One row per command and gateway, in the order accepted (`seq`): what the replica
+    # holding the gateway's lease carries out, and where the accepting replica finds
+    # the result. state: queued -> claimed -> done.
+    return [
+        sa.Column("seq", BigInt, primary_key=True, autoincrement=True),
+        sa.Column("command_id", sa.String(64), nullable=False),
+        sa.Column("gateway", sa.String(63), nullable=False),
+        sa.Column("action", sa.String(64), nullable=False),
+        sa.Column("op", sa.String(32), nullable=False),
+        sa.Column("args", sa.Text, nullable=False),
+        sa.Column("actor", sa.String(128), nullable=False),
+        sa.Column("reason", sa.Text, nullable=False),
+        sa.Column("ticket", sa.String(64)),
+        sa.Column("accepted_at", sa.Float, nullable=False),
+        sa.Column("accepted_by", sa.String(64), nullable=False),
+        sa.Column("accepted_incarnation", sa.String(32), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("claimed_by", sa.String(64)),
+        sa.Column("claim_epoch", BigInt),
+        sa.Column("claimed_at", sa.Float),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("finished_at", sa.Float),
+        sa.Column("result", sa.Text),
+        sa.Column("reported", sa.Boolean, nullable=False, server_default=sa.false()),
+    ]
 
 
 # -- migrations ------------------------------------------------------------------------
@@ -201,6 +264,57 @@ def _m2_row_version(op: Operations) -> None:
                   sa.Column("row_version", BigInt, nullable=False, server_default="0"))
 
 
+def _m3_replicas(op: Operations) -> None:
+    # Controller replicas on one PostgreSQL database: heartbeats, gateway leases and the
+    # command queue (controller/replicas.py).
+    op.create_table(
+        "replicas",
+        sa.Column("replica_id", sa.String(64), primary_key=True),
+        sa.Column("incarnation", sa.String(32), nullable=False),
+        sa.Column("host", sa.String(255), nullable=False),
+        sa.Column("pid", sa.Integer, nullable=False),
+        sa.Column("api", sa.String(255), nullable=False),
+        sa.Column("started_at", sa.Float, nullable=False),
+        sa.Column("heartbeat_at", sa.Float, nullable=False),
+        sa.Column("expires_at", sa.Float, nullable=False),
+    )
+    op.create_table(
+        "gateway_leases",
+        sa.Column("gateway", sa.String(63), primary_key=True),
+        sa.Column("owner", sa.String(64)),
+        sa.Column("incarnation", sa.String(32)),
+        sa.Column("epoch", BigInt, nullable=False, server_default="0"),
+        sa.Column("expires_at", sa.Float, nullable=False, server_default="0"),
+        sa.Column("acquired_at", sa.Float),
+    )
+    op.create_table(
+        "commands",
+        sa.Column("seq", BigInt, primary_key=True, autoincrement=True),
+        sa.Column("command_id", sa.String(64), nullable=False),
+        sa.Column("gateway", sa.String(63), nullable=False),
+        sa.Column("action", sa.String(64), nullable=False),
+        sa.Column("op", sa.String(32), nullable=False),
+        sa.Column("args", sa.Text, nullable=False),
+        sa.Column("actor", sa.String(128), nullable=False),
+        sa.Column("reason", sa.Text, nullable=False),
+        sa.Column("ticket", sa.String(64)),
+        sa.Column("accepted_at", sa.Float, nullable=False),
+        sa.Column("accepted_by", sa.String(64), nullable=False),
+        sa.Column("accepted_incarnation", sa.String(32), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("claimed_by", sa.String(64)),
+        sa.Column("claim_epoch", BigInt),
+        sa.Column("claimed_at", sa.Float),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("finished_at", sa.Float),
+        sa.Column("result", sa.Text),
+        sa.Column("reported", sa.Boolean, nullable=False, server_default=sa.false()),
+    )
+    op.create_index("ix_commands_gateway_seq", "commands", ["gateway", "seq"])
+    op.create_index("ix_commands_command_id", "commands", ["command_id"])
+    op.create_index("ix_commands_state", "commands", ["state"])
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -211,6 +325,7 @@ class Migration:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema: gateways, api_tokens, audit_log, gateway_state", _m1_initial),
     Migration(2, "gateway_state.row_version", _m2_row_version),
+    Migration(3, "replicas, gateway_leases, commands", _m3_replicas),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
@@ -346,6 +461,14 @@ class Database:
                     version=step.version, description=step.description, applied_at=time.time()))
             applied.append(step.version)
         return applied
+
+    def now(self, conn: Connection) -> float:
+        """The database's clock (PostgreSQL; SQLite: this host's): leases and heartbeats
+        of every replica are timed by one clock, whatever the hosts' clocks say."""
+        if self.is_postgresql:
+            return float(conn.execute(sa.text(
+                "SELECT EXTRACT(EPOCH FROM clock_timestamp())")).scalar_one())
+        return time.time()
 
     def dispose(self) -> None:
         self.engine.dispose()

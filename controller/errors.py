@@ -92,3 +92,11 @@ class AgentError(ControllerError):
 
     code = "agent_error"
     http_status = 502
+
+
+class LeaseLost(ControllerError):
+    """This replica no longer holds the gateway's lease: the command was not sent here;
+    the replica holding the lease now carries it out (under the same command id)."""
+
+    code = "lease_lost"
+    http_status = 503

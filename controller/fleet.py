@@ -135,25 +135,21 @@ class Fleet:
         on_result: Callable[[GatewayResult], None] | None = None,
         timeout: float | None = None,
         accept: Callable[[Sequence[Gateway]], Sequence[Gateway]] | None = None,
+        request_id: str | None = None,
     ) -> list[GatewayResult]:
         """Run `op` on every gateway; results in the order of `gateways`.
 
         `accept` runs while no other command can be accepted: it records the command
         and may drop gateways (e.g. a retry that a newer command made moot), so that
-        acceptance order, turn order and the recorded intent always agree."""
+        acceptance order, turn order and the recorded intent always agree.
+        `request_id` is each request's envelope id (a mutating request's is the command
+        id, which the agent remembers: the same id again is answered, not applied)."""
         futures: dict[Future[GatewayResult], int] = {}
         with self._accept:
             if accept is not None:
                 gateways = list(accept(gateways))
-            for i, gw in enumerate(gateways):
-                link = self.links.get(gw)
-                turn = link.turns.take()
-                try:
-                    fut = self._pool.submit(self._one, gw, link, turn, op, args_for(gw), after,
-                                            timeout)
-                except Exception:
-                    link.turns.cancel(turn)
-                    raise
+            for i, fut in enumerate(self.submit(gateways, op, args_for, after=after,
+                                                timeout=timeout, request_id=request_id)):
                 futures[fut] = i
         results: list[GatewayResult | None] = [None] * len(gateways)
         for fut in as_completed(futures):
@@ -166,12 +162,41 @@ class Fleet:
                     log.exception("progress callback failed")
         return [r for r in results if r is not None]
 
+    def submit(self, gateways: Sequence[Gateway], op: str,
+               args_for: Callable[[Gateway], dict[str, Any]], *,
+               after: ResultHook | None = None, timeout: float | None = None,
+               request_id: str | None = None,
+               guard: Callable[[Gateway], None] | None = None,
+               ) -> list[Future[GatewayResult]]:
+        """Start `op` on every gateway, each in its turn (taken now, in the order given:
+        call in acceptance order); the futures, in the order of `gateways`. `guard` runs
+        in the turn, right before the request: if it raises a ControllerError, nothing is
+        sent, the result says why and `after` is not called."""
+        futures = []
+        for gw in gateways:
+            link = self.links.get(gw)
+            turn = link.turns.take()
+            try:
+                fut = self._pool.submit(self._one, gw, link, turn, op, args_for(gw), after,
+                                        timeout, request_id, guard)
+            except Exception:
+                link.turns.cancel(turn)
+                raise
+            futures.append(fut)
+        return futures
+
     def _one(self, gw: Gateway, link: GatewayLink, turn: int, op: str, args: dict[str, Any],
-             after: ResultHook | None, timeout: float | None) -> GatewayResult:
+             after: ResultHook | None, timeout: float | None, request_id: str | None = None,
+             guard: Callable[[Gateway], None] | None = None) -> GatewayResult:
         started = time.perf_counter()
         with link.turns.turn(turn):
+            if guard is not None:
+                try:
+                    guard(gw)
+                except ControllerError as exc:
+                    return failure(gw.name, op, exc, time.perf_counter() - started)
             try:
-                value = link.call(op, args, timeout=timeout)
+                value = link.call(op, args, timeout=timeout, request_id=request_id)
                 res = classify(gw.name, op, value, time.perf_counter() - started)
             except (TransportError, AgentError) as exc:
                 res = failure(gw.name, op, exc, time.perf_counter() - started)

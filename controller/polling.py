@@ -50,12 +50,25 @@ class Polls:
         Returns who answered (gateways whose poll raised are left out)."""
         ctl = self.ctl
         with self._round:
-            gateways = ctl.inventory.all()
+            gateways = ctl.mine(ctl.inventory.all())  # as a replica: those it holds
             seen = ctl.fleet.map_background(gateways, self.poll_one)
             reach = {g.name: bool(r) for g, r in zip(gateways, seen, strict=True)
                      if r is not None}
             self.retry_pending(gateways, reach)
             return reach
+
+    def poll_soon(self, names: Sequence[str]) -> None:
+        """Poll these gateways in the background, now (a replica that just took their
+        leases: their sessions come up before a command needs them). Not with polls
+        switched off."""
+        if not self.ctl.config.poll.enabled:
+            return
+        wanted = set(names)
+        gateways = [g for g in self.ctl.inventory.all() if g.name in wanted]
+        if gateways:
+            threading.Thread(target=self.ctl.fleet.map_background,
+                             args=(gateways, self.poll_one), name="poll-taken",
+                             daemon=True).start()
 
     def _status(self, gw: Gateway, link: GatewayLink) -> Any:
         ctl = self.ctl
@@ -143,7 +156,7 @@ class Polls:
         for gw in gateways:
             st = ctl.states.get(gw.name)
             p = st.pending
-            if p is None or not reach.get(gw.name) or ctl.in_flight(p.command_id):
+            if p is None or not reach.get(gw.name) or ctl.in_flight(p.command_id, gw.name):
                 continue  # nothing owed, still down, or being delivered right now
             if now - p.accepted_at > ctl.config.fleet.pending_ttl_seconds:
                 if not self._forget(gw.name, p):

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from controller.audit import AuditEvent, AuditKey, AuditLog, AuditRecord, HistoryQuery, VerifyReport
 from controller.auth import Principal, Role, TokenStore
+from controller.command_queue import QueuedCommand
 from controller.config import ControllerConfig
 from controller.db import Database
 from controller.errors import (
@@ -35,9 +36,12 @@ from controller.errors import (
 from controller.exceptions import check_breadth
 from controller.fleet import CHANGE_OPS, EXCEPTION_OPS, Fleet, GatewayResult
 from controller.inventory import Gateway, Inventory, parse_address
+from controller.lease_store import Me
 from controller.metrics import ControllerMetrics, FleetCollector
 from controller.plans import Plan
 from controller.polling import SYSTEM_ACTOR, Polls
+from controller.replica import new_incarnation, replica_id
+from controller.replicas import Replicas
 from controller.schemas import (
     CommandResult,
     GatewayView,
@@ -101,6 +105,8 @@ class Controller:
         self._report_lock = threading.Lock()
         self._inflight: set[str] = set()  # commands accepted and not finished yet
         self._inflight_lock = threading.Lock()
+        # several controllers on one PostgreSQL database (None: this one alone, as on SQLite)
+        self.replicas: Replicas | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -114,13 +120,37 @@ class Controller:
             raise ConfigError(f"cannot create state dir {self.config.state_dir}: "
                               f"{exc.strerror}") from None
         self.db.migrate()
+        if self.replica_mode:
+            me = Me(replica_id(self.config), new_incarnation())
+            self.replicas = Replicas(self, me, self.config.replicas)
+            self.replicas.on_acquired = self.polls.poll_soon
         key = AuditKey.load_or_create(self.config.audit_key_path)
         self._audit = AuditLog(self.db, key, head_path=self.config.audit_head_path)
         self.metrics.attach(FleetCollector(self._snapshot, self._audit.last_seq))
         self.metrics.attach(PlanStageCollector(AuditPlanSource(self._audit).latest))
         return self
 
+    @property
+    def replica_mode(self) -> bool:
+        """Whether this controller shares its database with other replicas: leases say
+        which gateways it talks to, and commands go through the queue."""
+        enabled = self.config.replicas.enabled
+        if enabled and not self.db.is_postgresql:
+            raise ConfigError("replicas.enabled needs PostgreSQL (database_url): SQLite "
+                              "holds one controller only")
+        return self.db.is_postgresql if enabled is None else enabled
+
+    def start(self, *, api: str = "") -> Controller:
+        """Begin serving: as a replica, register, take leases, start the queue worker
+        (`serve` does this; host commands such as `token create` only open())."""
+        self.open()
+        if self.replicas is not None:
+            self.replicas.start(api=api)
+        return self
+
     def close(self) -> None:
+        if self.replicas is not None:
+            self.replicas.stop(release=True)
         self.streams.shutdown(wait=False, cancel_futures=True)
         self.fleet.shutdown()
         self.links.close_all()
@@ -191,6 +221,8 @@ class Controller:
             self.refused(principal, "gateway.add", exc, detail={"gateway": name})
             raise
         self.states.delete(name)  # a re-added name starts with a clean slate
+        if self.replicas is not None and self.replicas.started:
+            self.replicas.tick()  # a new gateway gets its holder now, not at the next tick
         self.record(AuditEvent(
             actor=principal.user, action="gateway.add", outcome="ok", reason=reason,
             ticket=ticket, targets=(name,),
@@ -209,6 +241,10 @@ class Controller:
         last = self.states.get(name)
         self.states.delete(name)
         self.links.remove(name)
+        if self.replicas is not None:  # nobody will hold it: what it was owed is void
+            self.replicas.queue.drop(name, GatewayResult(
+                gateway=name, op="?", outcome="failed", ok=False, error_code="not_found",
+                message=f"{name} was removed from the inventory").model_dump(mode="json"))
         self.record(AuditEvent(
             actor=principal.user, action="gateway.remove", outcome="ok", reason=reason,
             ticket=ticket, targets=(name,),
@@ -280,7 +316,7 @@ class Controller:
     def exceptions(self, principal: Principal, targets: Targets) -> list[GatewayResult]:
         """The live exceptions of each gateway, asked now (a read: not audited)."""
         gateways = self.select(principal, targets, "exceptions")
-        return self.fleet.run(gateways, "exceptions", lambda gw: {})
+        return self.read(gateways, "exceptions", actor=principal.user)
 
     def change_exception(self, principal: Principal, op: str, *, gateway: str,
                          exception_id: str, reason: str, ticket: str | None,
@@ -290,13 +326,33 @@ class Controller:
         gateways = self.select(principal, Targets(gateways=(gateway,)), op)
         args: dict[str, Any] = {"id": exception_id}
         if op == "extend":
-            [listing] = self.fleet.run(gateways, "exceptions", lambda gw: {})
+            [listing] = self.read(gateways, "exceptions", actor=principal.user)
             live = {e["id"]: e for e in (listing.result or {}).get("exceptions", [])}
             if exception_id in live:
                 self.check_exception_breadth(principal, op, live[exception_id]["flow"]["cidr"])
             args["duration_seconds"] = duration_seconds
         return self.run_command(gateways, action=op, op=op, actor=principal.user,
                                 reason=reason, ticket=ticket, args=args)
+
+    def read(self, gateways: Sequence[Gateway], op: str, *, actor: str) -> list[GatewayResult]:
+        """A request that changes nothing (not audited), asked now: directly, or as a
+        replica through the gateways' lease holders."""
+        if self.replicas is None:
+            return self.fleet.run(gateways, op, lambda gw: {})
+        command = QueuedCommand(
+            command_id=_short_id(), action=op, op=op, args={}, actor=actor, reason="",
+            ticket=None, accepted_at=self.clock(), accepted_by=self.replicas.me.replica_id,
+            accepted_incarnation=self.replicas.me.incarnation)
+        return self.replicas.run(gateways, command, pending=None, retry_of=None,
+                                 on_accept=lambda names: None, on_result=lambda r: None)
+
+    def mine(self, gateways: Sequence[Gateway]) -> list[Gateway]:
+        """The gateways this controller talks to: all of them, or, as a replica, those
+        whose lease it holds (only they are polled and retried here)."""
+        if self.replicas is None:
+            return list(gateways)
+        held = self.replicas.held()
+        return [g for g in gateways if g.name in held]
 
     def probe(self, principal: Principal, targets: Targets, *, reason: str,
               emit: Emit = _noop) -> CommandResult:
@@ -362,12 +418,21 @@ class Controller:
             rpc_args = {}
 
         def after(gw: Gateway, link: GatewayLink, res: GatewayResult) -> GatewayResult:
-            return self._after(gw, link, res, command_id=command_id, op=op, actor=actor,
-                               reason=reason)
+            return self.settle_result(gw, link, res, command_id=command_id, op=op,
+                                      actor=actor, reason=reason)
 
-        results = self.fleet.run(
-            gateways, op, lambda gw: rpc_args, after=after, accept=accept,
-            on_result=lambda r: emit({"event": "result", "result": r.model_dump(mode="json")}))
+        def on_result(r: GatewayResult) -> None:
+            emit({"event": "result", "result": r.model_dump(mode="json")})
+
+        if self.replicas is not None:
+            results = self._queued(gateways, action=action, op=op, actor=actor, reason=reason,
+                                   ticket=ticket, args=args, command_id=command_id,
+                                   retry_of=retry_of, started=started, emit=emit,
+                                   on_result=on_result)
+        else:
+            results = self.fleet.run(
+                gateways, op, lambda gw: rpc_args, after=after, accept=accept,
+                on_result=on_result, request_id=command_id if op in CHANGE_OPS else None)
         names = [r.gateway for r in results]
         counts = Counter(r.outcome for r in results)
         ok = all(r.ok for r in results)
@@ -393,9 +458,36 @@ class Controller:
             results=results, ok=ok, counts=dict(counts), started_at=started,
             duration_seconds=duration)
 
-    def _after(self, gw: Gateway, link: GatewayLink, res: GatewayResult, *, command_id: str,
-               op: str, actor: str, reason: str) -> GatewayResult:
-        """Runs on the fan-out thread, still holding the gateway's turn."""
+    def _queued(self, gateways: Sequence[Gateway], *, action: str, op: str, actor: str,
+                reason: str, ticket: str | None, args: dict[str, Any], command_id: str,
+                retry_of: Pending | None, started: float, emit: Emit,
+                on_result: Callable[[GatewayResult], None]) -> list[GatewayResult]:
+        """As a replica: queue the command for the gateways' lease holders and wait for
+        their results (controller/replicas.py)."""
+        assert self.replicas is not None
+        me = self.replicas.me
+        command = QueuedCommand(command_id=command_id, action=action, op=op, args=args,
+                                actor=actor, reason=reason, ticket=ticket,
+                                accepted_at=started, accepted_by=me.replica_id,
+                                accepted_incarnation=me.incarnation)
+        pending = Pending(
+            command_id=command_id, action=action, op=op, args=args, actor=actor,
+            reason=reason, ticket=ticket,
+            accepted_at=retry_of.accepted_at if retry_of else started,
+            attempts=retry_of.attempts + 1 if retry_of else 1) if op in STATE_OPS else None
+
+        def accepted(names: list[str]) -> None:
+            emit({"event": "accepted", "command_id": command_id, "action": action,
+                  "targets": names, "total": len(names)})
+
+        return self.replicas.run(gateways, command, pending=pending, retry_of=retry_of,
+                                 on_accept=accepted, on_result=on_result)
+
+    def settle_result(self, gw: Gateway, link: GatewayLink, res: GatewayResult, *,
+                      command_id: str, op: str, actor: str, reason: str) -> GatewayResult:
+        """Runs on the fan-out thread, still holding the gateway's turn (as a replica: on
+        the replica holding the gateway's lease): what the gateway said becomes its
+        state; a change delivered (or refused for good) is no longer owed."""
         now = self.clock()
         self.host_key_bookkeeping(gw, link, res.error_code)
         changes: dict[str, Any] = {}
@@ -547,8 +639,11 @@ class Controller:
         """Read every gateway's status; record what changed; retry pending changes."""
         return self.polls.poll_once()
 
-    def in_flight(self, command_id: str) -> bool:
-        """Accepted and not finished yet (a retry of it now would deliver it twice)."""
+    def in_flight(self, command_id: str, gateway: str | None = None) -> bool:
+        """Accepted and not finished yet (a retry of it now would deliver it twice); as a
+        replica: queued or being carried out for `gateway` by any replica."""
+        if self.replicas is not None:
+            return self.replicas.queue.unfinished(command_id, gateway)
         with self._inflight_lock:
             return command_id in self._inflight
 

@@ -126,6 +126,16 @@ class StateStore:
         conn.execute(t.update().where(t.c.name == old.name).values(**fit_row(t, _to_row(new))))
         return new
 
+    def locked(self, conn: Connection, names: list[str]) -> dict[str, GatewayState]:
+        """Lock these gateways' rows inside the caller's transaction (PostgreSQL; see
+        `_lock_rows`) and return what they hold."""
+        return self._lock_rows(conn, names)
+
+    def write_locked(self, conn: Connection, old: GatewayState,
+                     changes: dict[str, Any]) -> GatewayState:
+        """Write a row locked by `locked` in the same transaction."""
+        return self._write(conn, old, changes)
+
     def get(self, name: str) -> GatewayState:
         t = self.table
         with self.db.begin() as conn:

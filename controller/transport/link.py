@@ -35,7 +35,7 @@ class Session(Protocol):
     def connect(self) -> None: ...
 
     def request(self, op: str, args: dict[str, Any], *, timeout: float | None = None,
-                lane: Lane = "command") -> Any: ...
+                lane: Lane = "command", request_id: str | None = None) -> Any: ...
 
     def close(self) -> None: ...
 
@@ -163,19 +163,22 @@ class GatewayLink:
         self._failed(exc)
 
     def call(self, op: str, args: dict[str, Any], *, respect_backoff: bool = False,
-             timeout: float | None = None, lane: Lane = "command") -> Any:
+             timeout: float | None = None, lane: Lane = "command",
+             request_id: str | None = None) -> Any:
         """One request on the kept-open session, connecting first if needed. A session
         that died while idle is replaced once, for idempotent requests."""
         session, reused = self._open_session(respect_backoff)
         try:
-            return session.request(op, args, timeout=timeout, lane=lane)
+            return session.request(op, args, timeout=timeout, lane=lane,
+                                   request_id=request_id)
         except TransportError as exc:
             self._lost(session, exc)
             if not (reused and exc.code == "connection_lost" and op in IDEMPOTENT_OPS):
                 raise
         session, _ = self._open_session(respect_backoff=False)
         try:
-            return session.request(op, args, timeout=timeout, lane=lane)
+            return session.request(op, args, timeout=timeout, lane=lane,
+                                   request_id=request_id)
         except TransportError as exc:
             self._lost(session, exc)
             raise

@@ -46,6 +46,11 @@ class FakeAgent:
     lock: threading.Lock = field(default_factory=threading.Lock)
     active: int = 0
     max_active: int = 0
+    # like the real agent: a request id seen before is answered with its first answer
+    # and nothing is applied (a different request under a used id is a conflict)
+    answered: dict[str, tuple[str, dict[str, Any], Any]] = field(default_factory=dict)
+    request_ids: list[str] = field(default_factory=list)  # applied, in order
+    replays: list[str] = field(default_factory=list)
 
     def _verification(self) -> dict[str, Any]:
         ok = self.verified
@@ -58,7 +63,7 @@ class FakeAgent:
                 "verification": self._verification(), "apply_seconds": 0.001,
                 "generation": self.generation, "note": ""}
 
-    def handle(self, op: str, args: dict[str, Any]) -> Any:
+    def handle(self, op: str, args: dict[str, Any], request_id: str | None = None) -> Any:
         with self.lock:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
@@ -66,6 +71,13 @@ class FakeAgent:
             if self.delay:
                 time.sleep(self.delay)
             with self.lock:
+                if request_id is not None and request_id in self.answered:
+                    first_op, first_args, answer = self.answered[request_id]
+                    if (first_op, first_args) != (op, args):
+                        raise AgentError(f"{self.name}: request id {request_id} was used for "
+                                         "another request", code="conflict")
+                    self.replays.append(request_id)
+                    return answer
                 self.calls.append((op, args))
                 if op in self.fail:
                     code, message = self.fail[op]
@@ -74,6 +86,9 @@ class FakeAgent:
                     raise AgentError(f"{self.name}: status arguments: extra inputs are not "
                                      "permitted", code="bad_request")
                 answer = self._apply(op, args)
+                if request_id is not None:
+                    self.answered[request_id] = (op, args, answer)
+                    self.request_ids.append(request_id)
             if op == "status" and self.status_delay:
                 time.sleep(self.status_delay)  # read first, answered late: like a real one
             return answer
@@ -168,13 +183,13 @@ class FakeSession:
         self.epoch = agent.epoch
 
     def request(self, op: str, args: dict[str, Any], *, timeout: float | None = None,
-                lane: str = "command") -> Any:
+                lane: str = "command", request_id: str | None = None) -> Any:
         self.lanes.append(lane)
         if not self._really_alive():
             self.epoch = None
             raise TransportError(f"{self.target.name}: the agent session ended",
                                  code="connection_lost")
-        return self.agent.handle(op, args)
+        return self.agent.handle(op, args, request_id)
 
     def close(self) -> None:
         self.epoch = None
@@ -201,6 +216,9 @@ def make_config(tmp: Path, *, db_url: str, **overrides: Any) -> ControllerConfig
         "ssh": {"backoff_initial": 0.01, "backoff_max": 0.05, "request_timeout": 5},
         "fleet": {"parallelism": 8},
         "poll": {"enabled": False},
+        # as replicas (PostgreSQL): quick leases, so that tests do not wait for them
+        "replicas": {"lease_ttl_seconds": 1.0, "renew_interval_seconds": 0.2,
+                     "queue_poll_seconds": 0.02},
     }
     data.update(overrides)
     return ControllerConfig.model_validate(data)
@@ -219,7 +237,7 @@ def make_controller(tmp: Path, fakes: FakeFleet, *, db_url: str,
                             key_path=str(key), host_key=KEY_A, trust_on_first_use=False,
                             groups=["even" if i % 2 == 0 else "odd"], reason="test",
                             ticket=None)
-    return ctl
+    return ctl.start()
 
 
 def write_key(tmp: Path) -> Path:

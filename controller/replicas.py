@@ -1,0 +1,324 @@
+"""This controller as one of several replicas on one PostgreSQL database.
+
+Three jobs, each on its own thread:
+
+- the lease keeper (every `replicas.renew_interval_seconds`): renews this replica's
+  heartbeat and its gateways' leases, takes free ones up to its fair share, gives back
+  the surplus (controller/lease_store.py, policy in controller/leases.py). A gateway
+  whose lease was lost or given back has its SSH session closed here: only the holder
+  of a gateway's lease talks to it (commands, polls, retries of pending changes);
+- the worker: claims the queued commands of the gateways it holds, in the order they
+  were accepted (controller/command_queue.py), and carries them out on the fan-out
+  pool, each request under its command's id; the result goes back into the row;
+- the accepting side (any request on any replica): `run` queues a command for its
+  gateways and waits for the rows' results, which it passes on as they come.
+
+A lease is trusted locally only until renew time + TTL minus a margin, measured on
+this host's monotonic clock from before the renewal was asked: a replica that cannot
+renew (database gone, process stalled) stops sending before anyone else may take
+over, and a request in its turn checks the lease right before it is sent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from controller.command_queue import Claimed, CommandQueue, QueuedCommand
+from controller.config import ReplicaSettings
+from controller.errors import ControllerError, LeaseLost
+from controller.fleet import CHANGE_OPS, GatewayResult, failure
+from controller.inventory import Gateway
+from controller.lease_store import LeaseStore, Me, ReplicaView
+from controller.states import Pending
+
+if TYPE_CHECKING:
+    from controller.service import Controller
+
+log = logging.getLogger("drawbridge.controller.replicas")
+
+PRUNE_EVERY = 300.0  # seconds between sweeps of finished queue rows
+KEEP_FINISHED = 7 * 86400.0  # how long finished rows stay (the audit log keeps the story)
+
+
+class Replicas:
+    def __init__(self, ctl: Controller, me: Me, settings: ReplicaSettings, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ctl = ctl
+        self.me = me
+        self.settings = settings
+        self.clock = clock
+        self.store = LeaseStore(ctl.db, me, ttl=settings.lease_ttl_seconds)
+        self.queue = CommandQueue(ctl.db)
+        self._lock = threading.Lock()
+        self._tick_lock = threading.Lock()
+        self._held: dict[str, int] = {}  # gateway -> lease epoch
+        self._valid_until = 0.0  # monotonic: our leases are trusted until then
+        self._running: dict[int, str] = {}  # queue seq -> gateway, carried out here now
+        self._wake = threading.Event()  # the worker: there may be work
+        self._finished = threading.Condition()  # local waiters: a row finished here
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._last_prune = 0.0
+        self.started = False
+        # called with gateways newly taken (the controller polls them: sessions come up
+        # before the first command needs them)
+        self.on_acquired: Callable[[list[str]], None] = lambda names: None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self, *, api: str = "") -> None:
+        """Register, take the first leases, start the keeper and the worker."""
+        if self.started:
+            return
+        self.store.register(api=api)
+        self.tick()
+        self.started = True
+        for name, loop in (("lease-keeper", self._keeper_loop), ("queue-worker",
+                                                                 self._worker_loop)):
+            thread = threading.Thread(target=loop, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, *, release: bool = True, drain_seconds: float = 5.0) -> None:
+        """Stop the threads; with `release`, let running requests finish (up to
+        `drain_seconds`) and give every lease back, so that the others take over at
+        their next tick. Without it (tests: like a killed process) the leases run out."""
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads = []
+        if not self.started:
+            return
+        self.started = False
+        if release:
+            deadline = self.clock() + drain_seconds
+            while self.busy() and self.clock() < deadline:
+                time.sleep(0.05)
+            try:
+                self.store.deregister()
+            except ControllerError as exc:
+                log.warning("could not give the leases back: %s", exc.message)
+        with self._lock:
+            self._held = {}
+            self._valid_until = 0.0
+
+    # -- leases ----------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """One round of the lease keeper."""
+        with self._tick_lock:  # the keeper's and an inventory change's, one at a time
+            self._tick()
+
+    def _tick(self) -> None:
+        asked = self.clock()
+        with self._lock:
+            previously = set(self._held)
+        res = self.store.tick(previously=previously, busy=self.busy())
+        ttl = self.settings.lease_ttl_seconds
+        with self._lock:
+            self._held = dict(res.held)
+            # trusted until the TTL from *before* we asked, less a margin for the time
+            # between a check and the request it lets through
+            self._valid_until = asked + ttl - min(1.0, ttl / 4)
+        for name in (*res.lost, *res.released):
+            self.ctl.links.remove(name)
+        if res.lost:
+            log.warning("lost the lease of %s (taken by another replica)", ", ".join(res.lost))
+        if res.released:
+            log.info("gave back %d gateway(s) to the other replicas: %s", len(res.released),
+                     ", ".join(res.released))
+        if res.taken:
+            log.info("took %d gateway(s): %s", len(res.taken), ", ".join(res.taken))
+            self._wake.set()
+            try:
+                self.on_acquired(list(res.taken))
+            except Exception:
+                log.exception("after taking leases")
+        if self.clock() - self._last_prune > PRUNE_EVERY:
+            self._last_prune = self.clock()
+            self.queue.prune(KEEP_FINISHED)
+
+    def holds(self, name: str) -> bool:
+        with self._lock:
+            return name in self._held and self.clock() < self._valid_until
+
+    def held(self) -> set[str]:
+        with self._lock:
+            return set(self._held) if self.clock() < self._valid_until else set()
+
+    def guard(self, gw: Gateway) -> None:
+        """Right before a request is sent: do we still hold the gateway?"""
+        if not self.holds(gw.name):
+            raise LeaseLost(f"{gw.name}: this controller ({self.me.replica_id}) no longer "
+                            "holds the gateway's lease; the replica that holds it now "
+                            "carries the command out")
+
+    def busy(self) -> set[str]:
+        with self._lock:
+            return set(self._running.values())
+
+    def overview(self) -> list[ReplicaView]:
+        return self.store.overview()
+
+    def _keeper_loop(self) -> None:
+        while not self._stop.wait(self.settings.renew_interval_seconds):
+            try:
+                self.tick()
+            except ControllerError as exc:
+                log.warning("lease renewal failed: %s", exc.message)
+            except Exception:
+                log.exception("lease renewal failed")
+
+    # -- the worker: carrying out what our gateways are owed ---------------------------------
+
+    def _worker_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.queue_poll_seconds)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                if self.work_once():
+                    self._wake.set()  # a gateway's next command may be eligible now
+            except ControllerError as exc:
+                log.warning("queue: %s", exc.message)
+            except Exception:
+                log.exception("queue worker failed")
+
+    def work_once(self) -> int:
+        """Claim what may run now and start it; how many rows were claimed."""
+        if not self.held():
+            return 0
+        claimed = self.queue.claim(self.me.replica_id, self.me.incarnation)
+        if not claimed:
+            return 0
+        inventory = {g.name: g for g in self.ctl.inventory.all()}
+        # consecutive rows of one command go out together (one fan-out, turns in order)
+        for _, group in itertools.groupby(claimed, key=lambda c: c.command.command_id):
+            rows = list(group)
+            present = [c for c in rows if c.gateway in inventory]
+            for c in rows:
+                if c.gateway not in inventory:
+                    self._finish(c, failure(c.gateway, c.command.op, ControllerError(
+                        f"{c.gateway} is no longer in the inventory", code="not_found"), 0.0))
+            if present:
+                self._start(present, [inventory[c.gateway] for c in present])
+        return len(claimed)
+
+    def _start(self, rows: Sequence[Claimed], gateways: Sequence[Gateway]) -> None:
+        cmd = rows[0].command
+        with self._lock:
+            for c in rows:
+                self._running[c.seq] = c.gateway
+        settle = self.ctl.settle_result
+
+        def after(gw: Gateway, link: Any, res: GatewayResult) -> GatewayResult:
+            return settle(gw, link, res, command_id=cmd.command_id, op=cmd.op,
+                          actor=cmd.actor, reason=cmd.reason)
+
+        args = cmd.rpc_args()
+        try:
+            futures = self.ctl.fleet.submit(
+                gateways, cmd.op, lambda gw: args, after=after, guard=self.guard,
+                request_id=cmd.command_id if cmd.op in CHANGE_OPS else None)
+        except Exception:
+            with self._lock:
+                for c in rows:
+                    self._running.pop(c.seq, None)
+            raise
+        for c, fut in zip(rows, futures, strict=True):
+            fut.add_done_callback(lambda f, c=c: self._done(c, f))  # type: ignore[misc]
+
+    def _done(self, c: Claimed, fut: Future[GatewayResult]) -> None:
+        try:
+            res = fut.result()
+        except Exception as exc:  # the fan-out pool was shut down under it
+            res = failure(c.gateway, c.command.op, ControllerError(
+                f"not carried out: {exc!r}", code="internal"), 0.0)
+        with self._lock:
+            self._running.pop(c.seq, None)
+        if res.error_code == LeaseLost.code:
+            return  # left claimed under the old lease: the new holder carries it out
+        self._finish(c, res)
+
+    def _finish(self, c: Claimed, res: GatewayResult) -> None:
+        try:
+            self.queue.finish(c.seq, res.model_dump(mode="json"))
+        except ControllerError as exc:
+            log.warning("could not record the result of %s on %s: %s", c.command.command_id,
+                        c.gateway, exc.message)
+            return
+        with self._finished:
+            self._finished.notify_all()
+
+    # -- the accepting side --------------------------------------------------------------
+
+    def run(self, gateways: Sequence[Gateway], command: QueuedCommand, *,
+            pending: Pending | None, retry_of: Pending | None,
+            on_accept: Callable[[list[str]], None],
+            on_result: Callable[[GatewayResult], None]) -> list[GatewayResult]:
+        """Queue `command` for `gateways` and wait for every result; in gateway order.
+
+        In one transaction, with the gateways' state rows locked: a retry keeps only the
+        gateways still owed `retry_of`; a state change is recorded as owed (`pending`);
+        the queue rows are inserted. `on_accept` gets the gateways accepted."""
+        if not self.started:
+            raise ControllerError("the replica is not started (Controller.start())",
+                                  code="internal")
+        ctl = self.ctl
+        names = [g.name for g in gateways]
+        with ctl.db.begin() as conn:
+            current = ctl.states.locked(conn, names)
+            chosen = names
+            if retry_of is not None:
+                chosen = [n for n in names if (p := current[n].pending) is not None
+                          and p.command_id == retry_of.command_id]
+            if pending is not None:
+                for n in chosen:
+                    ctl.states.write_locked(conn, current[n], {
+                        "pending": pending, "last_command_id": command.command_id})
+            seqs = self.queue.insert(conn, command, chosen)
+        on_accept(chosen)
+        self._wake.set()
+        got = self.wait(dict(zip(seqs, chosen, strict=True)), on_result)
+        return [got[s] for s in seqs]
+
+    def wait_seconds(self) -> float:
+        """How long an accepting replica waits for a row's result: a slow agent's whole
+        request timeout, a takeover, and a reconnect, with room for the rows before it."""
+        s, ssh = self.settings, self.ctl.config.ssh
+        return 2 * ssh.request_timeout + 2 * s.lease_ttl_seconds + ssh.connect_timeout + 30
+
+    def wait(self, seqs: dict[int, str],
+             on_result: Callable[[GatewayResult], None]) -> dict[int, GatewayResult]:
+        got: dict[int, GatewayResult] = {}
+        deadline = self.clock() + self.wait_seconds()
+        while True:
+            for seq, data in self.queue.results([s for s in seqs if s not in got]).items():
+                res = GatewayResult.model_validate(data)
+                got[seq] = res
+                try:
+                    on_result(res)
+                except Exception:
+                    log.exception("progress callback failed")
+            if len(got) == len(seqs):
+                return got
+            if self.clock() > deadline:
+                for seq, name in seqs.items():
+                    if seq not in got:
+                        got[seq] = GatewayResult(
+                            gateway=name, op="?", outcome="failed", ok=False,
+                            error_code="no_result",
+                            message=f"{name}: no result within {self.wait_seconds():.0f}s "
+                            "from the replica holding this gateway; the command stays "
+                            "queued and is carried out when a replica holds the gateway")
+                return got
+            with self._finished:
+                self._finished.wait(self.settings.queue_poll_seconds)
