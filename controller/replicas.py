@@ -109,6 +109,18 @@ class Replicas:
             self._held = {}
             self._valid_until = 0.0
 
+    def crash(self) -> None:
+        """Stop keeping leases and working the queue, give nothing back (tests: like a
+        killed process; the accepting side still waits for results)."""
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads = []
+        with self._lock:
+            self._held = {}
+            self._valid_until = 0.0
+
     # -- leases ----------------------------------------------------------------------------
 
     def tick(self) -> None:

@@ -103,16 +103,27 @@ def serve(ctx: typer.Context, listen: Annotated[str | None, typer.Option(
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    tls = config.api.tls_cert is not None
+    for path in (config.api.tls_cert, config.api.tls_key):
+        if path is not None and not path.is_file():
+            fail(f"api.tls_cert/tls_key: {path} is not a readable file", 2)
     try:
-        ctl = Controller(config).open()
+        # as a replica: registered, holding its first leases, its queue worker running
+        ctl = Controller(config).start(api=f"{'https' if tls else 'http'}://{host}:{port}")
     except ControllerError as exc:
         fail(exc.message, 2)
+    if ctl.replicas is not None:
+        logging.getLogger("drawbridge.controller").info(
+            "replica %s: holds %d gateway(s)", ctl.replicas.me.replica_id,
+            len(ctl.replicas.held()))
     poller = Poller(ctl, config.poll.interval_seconds) if config.poll.enabled else None
     if poller is not None:
         poller.start()
     try:
         uvicorn.run(create_app(ctl), host=host, port=port, log_level=config.log_level,
-                    access_log=config.log_level == "debug", timeout_graceful_shutdown=5)
+                    access_log=config.log_level == "debug", timeout_graceful_shutdown=5,
+                    ssl_certfile=str(config.api.tls_cert) if tls else None,
+                    ssl_keyfile=str(config.api.tls_key) if tls else None)
     finally:
         if poller is not None:
             poller.stop()

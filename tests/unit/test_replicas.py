@@ -1,0 +1,192 @@
+"""Controller replicas in one process, on a real PostgreSQL, with in-memory agents:
+leases spread over the replicas, any replica accepts any command, the lease holder
+alone talks to a gateway, a dead replica's gateways are taken over and what it
+accepted is carried out once, under its command id."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.audit import HistoryQuery
+from controller.config import SshSettings
+from controller.lease_store import ReplicaIdInUse
+from controller.schemas import CommandResult, Targets
+from controller.service import Controller
+from controller.transport.ssh import SshTarget
+from tests.unit.test_controller_support import (
+    ADMIN,
+    KEY_A,
+    OPERATOR,
+    FakeFleet,
+    FakeSession,
+    make_config,
+    write_key,
+)
+
+NAMES = [f"gw{i}" for i in range(6)]
+
+
+class Sessions:
+    """One controller's session factory over the shared fake agents; who it connected."""
+
+    def __init__(self, fleet: FakeFleet) -> None:
+        self.fleet = fleet
+        self.targets: list[str] = []
+
+    def factory(self, target: SshTarget, settings: SshSettings) -> FakeSession:
+        self.targets.append(target.name)
+        return self.fleet.factory(target, settings)
+
+
+def replica(tmp: Path, name: str, fleet: FakeFleet, pg_url: str,
+            **overrides: Any) -> tuple[Controller, Sessions]:
+    sessions = Sessions(fleet)
+    config = make_config(tmp / name, db_url=pg_url, audit_key_file=str(tmp / "audit.key"),
+                         replica_id=name, **overrides)
+    return Controller(config, session_factory=sessions.factory).start(), sessions
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+@pytest.fixture
+def fleet() -> FakeFleet:
+    return FakeFleet(NAMES)
+
+
+@pytest.fixture
+def pair(tmp_path: Path, fleet: FakeFleet,
+         pg_url: str) -> Iterator[tuple[Controller, Controller, Sessions, Sessions]]:
+    a, sa_ = replica(tmp_path, "a", fleet, pg_url)
+    key = write_key(tmp_path)
+    for i, name in enumerate(NAMES):
+        a.add_gateway(ADMIN, name=name, address=f"10.99.0.{100 + i}", user="root",
+                      key_path=str(key), host_key=KEY_A, trust_on_first_use=False,
+                      groups=["lab"], reason="test", ticket=None)
+    b, sb = replica(tmp_path, "b", fleet, pg_url)
+    wait_for(lambda: len(a.replicas.held()) == 3 and len(b.replicas.held()) == 3,  # type: ignore[union-attr]
+             5, "the leases split 3/3")
+    yield a, b, sa_, sb
+    for c in (a, b):
+        c.close()
+
+
+def held(c: Controller) -> set[str]:
+    assert c.replicas is not None
+    return c.replicas.held()
+
+
+def test_leases_split_and_either_replica_runs_any_command(
+        pair: tuple[Controller, Controller, Sessions, Sessions], fleet: FakeFleet) -> None:
+    a, b, sa_, sb = pair
+    assert held(a) | held(b) == set(NAMES) and not held(a) & held(b)
+    events: list[dict[str, Any]] = []
+    res = b.isolate(OPERATOR, Targets(all=True), profile="internet", reason="drill",
+                    ticket="INC-1", emit=events.append)
+    assert res.ok and res.counts == {"verified": 6}
+    assert events[0]["event"] == "accepted"
+    assert sum(e["event"] == "result" for e in events) == 6
+    for agent in fleet.agents.values():  # carried out once, under the command id
+        assert agent.state == "isolated" and agent.request_ids == [res.command_id]
+    # only the holder of a gateway's lease opened a session to it
+    assert set(sa_.targets) == held(a) and set(sb.targets) == held(b)
+    res = a.restore(ADMIN, Targets(all=True), reason="all clear", ticket=None)
+    assert res.ok and all(ag.state == "open" for ag in fleet.agents.values())
+    assert a.verify_audit().ok and b.verify_audit().ok
+    # polls: each replica polls what it holds
+    assert set(a.poll_once()) == held(a) and set(b.poll_once()) == held(b)
+    # reads go to the holder too
+    assert [r.gateway for r in a.exceptions(OPERATOR, Targets(gateways=tuple(held(b))))] \
+        == sorted(held(b), key=NAMES.index)
+
+
+def test_a_killed_replicas_command_is_carried_out_once_by_its_successor(
+        pair: tuple[Controller, Controller, Sessions, Sessions], fleet: FakeFleet) -> None:
+    a, b, _, _ = pair
+    theirs = sorted(held(a))
+    assert a.replicas is not None
+    a.replicas.crash()  # keeps no lease any more, works no queue; gives nothing back
+    out: list[CommandResult] = []
+    t0 = time.monotonic()
+    worker = threading.Thread(target=lambda: out.append(a.isolate(
+        OPERATOR, Targets(gateways=tuple(theirs)), profile="full", reason="last words",
+        ticket=None)))
+    worker.start()  # accepted by the dead replica: queued, nobody may run it yet
+    worker.join(10)
+    took = time.monotonic() - t0
+    assert out and out[0].ok, out
+    assert took < 1.0 + 0.2 + 2.0  # TTL + renew + slack
+    assert held(b) == set(NAMES)
+    for name in theirs:
+        agent = fleet.agents[name]
+        assert agent.profile == "full" and agent.request_ids == [out[0].command_id]
+    assert b.verify_audit().ok
+
+
+def test_a_request_in_flight_when_its_replica_dies_is_not_applied_twice(
+        pair: tuple[Controller, Controller, Sessions, Sessions], fleet: FakeFleet) -> None:
+    a, b, _, _ = pair
+    name = sorted(held(a))[0]
+    agent = fleet.agents[name]
+    agent.delay = 1.5  # the request is on its way when the replica dies
+    out: list[CommandResult] = []
+    worker = threading.Thread(target=lambda: out.append(b.isolate(
+        OPERATOR, Targets(gateways=(name,)), profile="internet", reason="r", ticket=None)))
+    worker.start()
+    wait_for(lambda: agent.active == 1, 5, "the request to arrive")
+    assert a.replicas is not None
+    a.replicas.crash()
+    worker.join(15)
+    assert out and out[0].ok
+    # b sent it again under the same id after taking over: answered, not applied
+    assert agent.request_ids == [out[0].command_id]
+    wait_for(lambda: agent.replays == [out[0].command_id], 5, "b's resend")
+    assert name in held(b)
+
+
+def test_a_clean_stop_hands_over_at_once(
+        pair: tuple[Controller, Controller, Sessions, Sessions]) -> None:
+    a, b, _, _ = pair
+    assert a.replicas is not None
+    a.replicas.stop(release=True)
+    took = wait_for(lambda: held(b) == set(NAMES), 5, "b to take everything")
+    assert took < 0.9  # well before the 1 s TTL would have run out
+    assert [r.replica_id for r in b.replicas.overview()] == ["b"]  # type: ignore[union-attr]
+
+
+def test_a_replica_id_in_use_is_refused(
+        pair: tuple[Controller, Controller, Sessions, Sessions], tmp_path: Path,
+        fleet: FakeFleet, pg_url: str) -> None:
+    with pytest.raises(ReplicaIdInUse, match="in use"):
+        replica(tmp_path, "a", fleet, pg_url)
+
+
+def test_gateways_removed_and_added_follow_the_leases(
+        pair: tuple[Controller, Controller, Sessions, Sessions], tmp_path: Path,
+        fleet: FakeFleet) -> None:
+    a, b, _, _ = pair
+    gone = sorted(held(b))[0]
+    a.remove_gateway(ADMIN, gone, reason="decommissioned", ticket=None)
+    wait_for(lambda: gone not in held(b), 3, "the removed gateway's lease to go")
+    fleet.agents["gw-new"] = type(fleet.agents[gone])("gw-new")
+    a.add_gateway(ADMIN, name="gw-new", address="10.99.0.200", user="root",
+                  key_path=str(write_key(tmp_path)), host_key=KEY_A,
+                  trust_on_first_use=False, groups=[], reason="new", ticket=None)
+    wait_for(lambda: "gw-new" in held(a) | held(b), 3, "someone to hold the new gateway")
+    res = b.isolate(OPERATOR, Targets(gateways=("gw-new",)), profile="internet",
+                    reason="r", ticket=None)
+    assert res.ok
+    history = a.history(HistoryQuery(action="isolate"))
+    assert [r.outcome for r in history] == ["requested", "ok"]
