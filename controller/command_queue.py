@@ -16,7 +16,7 @@ sent under the same command id, which the agent answers without applying twice.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,7 @@ class QueuedCommand:
     accepted_at: float
     accepted_by: str
     accepted_incarnation: str = ""
+    audited: bool = True  # its outcome is recorded in the audit log (reads are not)
 
     def rpc_args(self) -> dict[str, Any]:
         """The request's arguments as the agent gets them."""
@@ -84,7 +85,7 @@ class CommandQueue:
             "actor": command.actor, "reason": command.reason, "ticket": command.ticket,
             "accepted_at": command.accepted_at, "accepted_by": command.accepted_by,
             "accepted_incarnation": command.accepted_incarnation, "state": QUEUED,
-            "attempts": 0, "reported": False}) for name in gateways]
+            "attempts": 0, "reported": not command.audited}) for name in gateways]
         if not rows:
             return []
         stmt = t.insert().returning(t.c.seq, sort_by_parameter_order=True)
@@ -171,6 +172,49 @@ class CommandQueue:
                 conn.execute(t.update().where(t.c.seq.in_(seqs)).values(
                     state=DONE, result=json.dumps(result, default=str), finished_at=now))
         return [int(s) for s in seqs]
+
+    def mark_reported(self, command_id: str, replica: str, incarnation: str) -> None:
+        """The accepting replica recorded the command's outcome in the audit log."""
+        t = self.table
+        with self.db.begin() as conn:
+            conn.execute(t.update().where(
+                t.c.command_id == command_id, t.c.accepted_by == replica,
+                t.c.accepted_incarnation == incarnation).values(reported=True))
+
+    def orphaned(self, live: Collection[tuple[str, str]]) -> list[str]:
+        """Commands carried out to the end whose outcome nobody recorded, because the
+        replica that accepted them (`live`: (replica, incarnation) of the live ones)
+        is gone; oldest first."""
+        t = self.table
+        unfinished = sa.func.sum(sa.case((t.c.state != DONE, 1), else_=0))
+        with self.db.begin() as conn:
+            rows = conn.execute(
+                sa.select(t.c.command_id, t.c.accepted_by, t.c.accepted_incarnation,
+                          sa.func.min(t.c.seq).label("first"))
+                .where(t.c.reported.is_(False))
+                .group_by(t.c.command_id, t.c.accepted_by, t.c.accepted_incarnation)
+                .having(unfinished == 0).order_by("first")).all()
+        alive = set(live)
+        return [str(r.command_id) for r in rows
+                if (r.accepted_by, r.accepted_incarnation) not in alive]
+
+    def report(self, command_id: str,
+               write: Callable[[QueuedCommand, list[dict[str, Any]]], None]) -> bool:
+        """Record an orphaned command's outcome once: its rows are locked (SKIP LOCKED:
+        another replica doing the same gets none and leaves it), `write` gets the
+        command and the rows' results, then the rows are marked. True if written."""
+        t = self.table
+        with self.db.begin() as conn:
+            rows = conn.execute(sa.select(t).where(
+                t.c.command_id == command_id, t.c.reported.is_(False), t.c.state == DONE)
+                .order_by(t.c.seq).with_for_update(skip_locked=True)).all()
+            if not rows:
+                return False
+            results = [json.loads(r.result) if r.result else {} for r in rows]
+            write(_command(rows[0]), results)
+            conn.execute(t.update().where(t.c.seq.in_([r.seq for r in rows]))
+                         .values(reported=True))
+        return True
 
     def prune(self, older_than: float) -> int:
         """Forget finished rows older than `older_than` seconds (their story is in the

@@ -127,6 +127,7 @@ class Schema:
             sa.Index("ix_commands_gateway_seq", "gateway", "seq"),
             sa.Index("ix_commands_command_id", "command_id"),
             sa.Index("ix_commands_state", "state"),
+            sa.Index("ix_commands_reported", "reported"),
         )
 
 
@@ -313,6 +314,7 @@ def _m3_replicas(op: Operations) -> None:
     op.create_index("ix_commands_gateway_seq", "commands", ["gateway", "seq"])
     op.create_index("ix_commands_command_id", "commands", ["command_id"])
     op.create_index("ix_commands_state", "commands", ["state"])
+    op.create_index("ix_commands_reported", "commands", ["reported"])
 
 
 @dataclass(frozen=True)

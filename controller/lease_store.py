@@ -220,6 +220,15 @@ class LeaseStore:
                             heartbeat_at=row.heartbeat_at, live=row.expires_at > now,
                             gateways=int(counts.get(row.replica_id, 0))) for row in rows]
 
+    def live(self) -> set[tuple[str, str]]:
+        """(replica id, incarnation) of every live replica."""
+        r = self.replicas
+        with self.db.begin() as conn:
+            now = self.db.now(conn)
+            rows = conn.execute(sa.select(r.c.replica_id, r.c.incarnation)
+                                .where(r.c.expires_at > now)).all()
+        return {(str(row.replica_id), str(row.incarnation)) for row in rows}
+
     def owners(self) -> dict[str, str | None]:
         """gateway -> the replica holding its lease now (None: nobody)."""
         lt = self.leases

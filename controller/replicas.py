@@ -25,6 +25,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("drawbridge.controller.replicas")
 
+ORPHANS_EVERY = 5.0  # seconds between looks for commands whose acceptor died
 PRUNE_EVERY = 300.0  # seconds between sweeps of finished queue rows
 KEEP_FINISHED = 7 * 86400.0  # how long finished rows stay (the audit log keeps the story)
 
@@ -65,6 +67,7 @@ class Replicas:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._last_prune = 0.0
+        self._last_orphans = 0.0
         self.started = False
         # called with gateways newly taken (the controller polls them: sessions come up
         # before the first command needs them)
@@ -156,6 +159,37 @@ class Replicas:
         if self.clock() - self._last_prune > PRUNE_EVERY:
             self._last_prune = self.clock()
             self.queue.prune(KEEP_FINISHED)
+        if self.clock() - self._last_orphans > ORPHANS_EVERY:
+            self._last_orphans = self.clock()
+            self.report_orphans()
+
+    def report_orphans(self) -> int:
+        """Record the outcome of commands whose accepting replica died before it could
+        (their gateways' holders carried them out); how many were recorded here."""
+        done = 0
+        for command_id in self.queue.orphaned(self.store.live()):
+            done += self.queue.report(command_id, self._record_orphan)
+        return done
+
+    def _record_orphan(self, cmd: QueuedCommand, rows: list[dict[str, Any]]) -> None:
+        from controller.audit import AuditEvent
+        from controller.service import audit_result
+
+        results = [GatewayResult.model_validate(r) for r in rows if r.get("gateway")]
+        counts = Counter(r.outcome for r in results)
+        ok = all(r.ok for r in results)
+        overall = "ok" if ok else ("failed" if not any(r.ok for r in results) else "partial")
+        log.info("recording %s %s: accepted by %s, which stopped before it could",
+                 cmd.action, cmd.command_id, cmd.accepted_by)
+        self.ctl.record(AuditEvent(
+            actor=cmd.actor, action=cmd.action, outcome=overall, reason=cmd.reason,
+            ticket=cmd.ticket, targets=tuple(r.gateway for r in results),
+            command_id=cmd.command_id,
+            detail={"op": cmd.op, "args": cmd.args, "counts": dict(counts),
+                    "results": [audit_result(r) for r in results],
+                    "accepted_by": cmd.accepted_by, "recorded_by": self.me.replica_id,
+                    "note": "the replica that accepted this command stopped before it "
+                            "finished; the replicas holding its gateways carried it out"}))
 
     def holds(self, name: str) -> bool:
         with self._lock:

@@ -342,7 +342,7 @@ class Controller:
         command = QueuedCommand(
             command_id=_short_id(), action=op, op=op, args={}, actor=actor, reason="",
             ticket=None, accepted_at=self.clock(), accepted_by=self.replicas.me.replica_id,
-            accepted_incarnation=self.replicas.me.incarnation)
+            accepted_incarnation=self.replicas.me.incarnation, audited=False)
         return self.replicas.run(gateways, command, pending=None, retry_of=None,
                                  on_accept=lambda names: None, on_result=lambda r: None)
 
@@ -452,6 +452,9 @@ class Controller:
             detail={"op": op, "args": args, "counts": dict(counts),
                     "duration_seconds": round(duration, 4),
                     "results": [audit_result(r) for r in results], **extra}))
+        if self.replicas is not None:  # nobody else need record it
+            me = self.replicas.me
+            self.replicas.queue.mark_reported(command_id, me.replica_id, me.incarnation)
         return CommandResult(
             command_id=command_id, action=action, op=op, actor=actor, reason=reason,
             ticket=ticket, profile=profile, stage=extra.get("stage"), targets=names,

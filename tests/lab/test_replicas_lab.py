@@ -161,6 +161,13 @@ def test_a_command_accepted_by_the_killed_replica_is_completed_once_by_the_survi
     assert [i for i in ids if i not in before] == [command_id]  # once, under its own id
     status = {v["name"]: v for v in rig.cli_json(1, "status", role="viewer")}
     assert status[name]["state"] == "isolated" and status[name]["profile"] == "full"
+    # its outcome is recorded by the survivor (the replica that accepted it is gone)
+    wait_for(lambda: bool(rig.query("SELECT 1 FROM audit_log WHERE command_id = :c AND "
+                                    "outcome = 'ok'", c=command_id)), 15,
+             "the survivor to record the orphaned command's outcome")
+    [rec] = rig.query("SELECT detail FROM audit_log WHERE command_id = :c AND outcome = 'ok'",
+                      c=command_id)
+    assert '"recorded_by":"replica-b"' in rec.detail, rec.detail
     assert rig.cli_json(1, "audit", "verify")["ok"]
     applied_once(rig)
     rig.start(victim)

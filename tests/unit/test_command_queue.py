@@ -201,3 +201,21 @@ def test_two_claimants_never_claim_a_row_twice(pg_url: str) -> None:
     rows = q.rows()
     assert all(r["state"] == CLAIMED and r["attempts"] == 1 for r in rows)
     setup.dispose()
+
+
+def test_an_orphaned_command_is_reported_once(db: Database) -> None:
+    LeaseStore(db, A, ttl=30).tick(previously=())
+    q = CommandQueue(db)
+    seqs = enqueue(db, q, command("c1"), ["gw0", "gw1"])
+    enqueue(db, q, command("c2"), ["gw2"])  # not finished: not an orphan yet
+    q.claim(A.replica_id, A.incarnation)
+    for seq in seqs:
+        q.finish(seq, {"gateway": "gw", "outcome": "verified"})
+    assert q.orphaned({(A.replica_id, A.incarnation)}) == []  # its acceptor is alive
+    assert q.orphaned({(A.replica_id, "a-later-incarnation")}) == ["c1"]
+    written: list[tuple[str, int]] = []
+    assert q.report("c1", lambda cmd, rows: written.append((cmd.command_id, len(rows))))
+    assert not q.report("c1", lambda cmd, rows: written.append(("again", 0)))
+    assert written == [("c1", 2)] and q.orphaned(set()) == []
+    q.mark_reported("c2", A.replica_id, A.incarnation)
+    assert q.orphaned(set()) == []
