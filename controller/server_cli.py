@@ -103,6 +103,7 @@ def serve(ctx: typer.Context, listen: Annotated[str | None, typer.Option(
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    _raise_open_files_limit()
     tls = config.api.tls_cert is not None
     for path in (config.api.tls_cert, config.api.tls_key):
         if path is not None and not path.is_file():
@@ -128,6 +129,19 @@ def serve(ctx: typer.Context, listen: Annotated[str | None, typer.Option(
         if poller is not None:
             poller.stop()
         ctl.close()
+
+
+def _raise_open_files_limit() -> None:
+    """A socket per gateway: the soft limit on open files (often 1024) goes up to the
+    hard one (systemd's default hard limit is 524288), before the first connection."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            err.print(f"warning: cannot raise the open files limit from {soft}: {exc}")
 
 
 @app.command()

@@ -21,6 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from drawbridge_lab import Lab
 from drawbridge_lab.fleet import CLI, CONTROLLER, FleetRig, fingerprint
 
 BASE_PORT = 8630
@@ -50,14 +51,16 @@ class ReplicaProc:
 
 
 class ReplicaRig:
-    def __init__(self, fleet: FleetRig, database_url: str, *, count: int = 2,
-                 workdir: Path | None = None) -> None:
+    def __init__(self, lab: Lab, workdir: Path, database_url: str, *, count: int = 2,
+                 fleet: FleetRig | None = None) -> None:
+        """`fleet`: the lab gateways (agents, sshd) these replicas drive, if any (a
+        benchmark may drive simulated ones: drawbridge_lab.simagents)."""
         if not database_url:
             raise ValueError("replicas need a PostgreSQL database_url")
         self.fleet = fleet
-        self.lab = fleet.lab
+        self.lab = lab
         self.database_url = database_url
-        base = workdir or fleet.workdir / "replicas"
+        base = workdir
         self.audit_key = base / "audit.key"
         self.replicas = [ReplicaProc(f"replica-{chr(ord('a') + i)}", base / f"r{i}",
                                      BASE_PORT + i) for i in range(count)]
@@ -147,6 +150,17 @@ interval_seconds = {poll_interval}
         for i in range(len(self.replicas)):
             self.stop(i)
 
+    def proc_status(self, i: int) -> dict[str, int]:
+        """The replica process's resident memory (kB) and threads, from /proc."""
+        r = self.replicas[i]
+        assert r.proc is not None
+        out: dict[str, int] = {}
+        for line in Path(f"/proc/{r.proc.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "Threads"):
+                out[key] = int(value.split()[0])
+        return out
+
     def cli(self, i: int, *args: str, role: str = "admin",
             timeout: float = 180) -> subprocess.CompletedProcess[str]:
         env = [f"DRAWBRIDGE_URL={self.replicas[i].url}", "COLUMNS=250",
@@ -164,6 +178,7 @@ interval_seconds = {poll_interval}
         return json.loads(proc.stdout)
 
     def add_gateways(self, i: int = 0) -> None:
+        assert self.fleet is not None
         for rig in self.fleet.gateways:
             proc = self.cli(i, "gateway", "add", rig.gw.name, "--address", rig.gw.mgmt_addr4,
                             "--user", "root", "--key", str(self.fleet.key), "--host-key",

@@ -33,7 +33,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory,
     try:
         with Lab.create(gateways=N) as lab:
             fleet = FleetRig(lab, tmp_path_factory.mktemp("replicas"), probes=True)
-            rig = ReplicaRig(fleet, url, count=2)
+            rig = ReplicaRig(lab, fleet.workdir / "replicas", url, count=2, fleet=fleet)
             try:
                 fleet.start()
                 rig.write_configs(poll_interval=1.0)
@@ -56,6 +56,7 @@ def balanced(rig: ReplicaRig) -> bool:
 
 
 def gateway(rig: ReplicaRig, name: str) -> GatewayRig:
+    assert rig.fleet is not None
     return next(g for g in rig.fleet.gateways if g.gw.name == name)
 
 
@@ -65,6 +66,7 @@ def logs(rig: ReplicaRig) -> str:
 
 def applied_once(rig: ReplicaRig) -> None:
     """No command applied twice: each request id at most once in each agent's journal."""
+    assert rig.fleet is not None
     for g in rig.fleet.gateways:
         ids = Counter(journal_request_ids(g.state_dir))
         twice = {i: n for i, n in ids.items() if n > 1}
@@ -82,6 +84,7 @@ def test_isolate_through_either_replica_then_failover(replicas: ReplicaRig) -> N
     res = rig.cli_json(0, "isolate", "--all", "--reason", "again via a")
     assert res["ok"], res
     third = res["command_id"]
+    assert rig.fleet is not None
     for g in rig.fleet.gateways:  # every command once in every journal, under its id
         assert journal_request_ids(g.state_dir)[-3:] == [first, second, third]
 
@@ -130,6 +133,7 @@ def test_a_command_accepted_by_the_killed_replica_is_completed_once_by_the_survi
     before = set(journal_request_ids(g.state_dir))
     # the gateway's management link is down: the request leaves replica a and never
     # arrives, so that a has accepted the command, claimed it and not finished it
+    assert rig.fleet is not None
     rig.fleet.cut_mgmt_link(g)
     env = [f"DRAWBRIDGE_URL={rig.replicas[victim].url}",
            f"DRAWBRIDGE_TOKEN={rig.tokens['admin']}"]
