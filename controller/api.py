@@ -11,6 +11,9 @@ A command runs to the end and is audited even if the client goes away.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import hmac
 import json
 import logging
 import queue
@@ -204,6 +207,15 @@ def _wants_stream(request: Request) -> bool:
     return NDJSON in request.headers.get("accept", "")
 
 
+def _ui_secret(ctl: Controller) -> bytes:
+    """The page's CSRF secret. Replicas share it (derived from the audit key they all
+    hold), so that a form from one replica is accepted by another behind a load
+    balancer; one controller alone keeps a fresh one per process, as before."""
+    if ctl.replicas is None:
+        return new_secret()
+    return hmac.new(ctl.audit.key, b"drawbridge /ui csrf secret v1", hashlib.sha256).digest()
+
+
 def create_app(ctl: Controller) -> FastAPI:
     app = FastAPI(
         title="Drawbridge controller",
@@ -216,7 +228,7 @@ def create_app(ctl: Controller) -> FastAPI:
     )
     app.add_middleware(GateMiddleware, ctl=ctl)
     app.state.controller = ctl
-    ui = UiDeps(ctl=ctl, env=make_env(), secret=new_secret(), plans=AuditPlanSource(ctl.audit),
+    ui = UiDeps(ctl=ctl, env=make_env(), secret=_ui_secret(ctl), plans=AuditPlanSource(ctl.audit),
                 checkpoints=NoCheckpoints(),
                 verify=VerifyCache(ctl.verify_audit, ctl.audit.last_seq))
     app.include_router(ui_router(ui))
@@ -256,6 +268,15 @@ def create_app(ctl: Controller) -> FastAPI:
     @app.get("/v1/whoami", tags=["meta"])
     def whoami(p: Viewer) -> dict[str, str]:
         return {"user": p.user, "role": p.role.name}
+
+    @app.get("/v1/replicas", tags=["meta"])
+    def replicas(p: Viewer) -> dict[str, Any]:
+        """The controllers sharing the database (README: "Replicas"): heartbeats, and
+        how many gateways each holds; `me`: the one answering."""
+        if ctl.replicas is None:
+            return {"replica_mode": False, "me": None, "replicas": []}
+        return {"replica_mode": True, "me": ctl.replicas.me.replica_id,
+                "replicas": [dataclasses.asdict(r) for r in ctl.replicas.overview()]}
 
     # -- inventory -------------------------------------------------------------------------
 

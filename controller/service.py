@@ -41,6 +41,7 @@ from controller.metrics import ControllerMetrics, FleetCollector
 from controller.plans import Plan
 from controller.polling import SYSTEM_ACTOR, Polls
 from controller.replica import new_incarnation, replica_id
+from controller.replica_metrics import ReplicaCollector
 from controller.replicas import Replicas
 from controller.schemas import (
     CommandResult,
@@ -124,6 +125,7 @@ class Controller:
             me = Me(replica_id(self.config), new_incarnation())
             self.replicas = Replicas(self, me, self.config.replicas)
             self.replicas.on_acquired = self.polls.poll_soon
+            self.metrics.attach(ReplicaCollector(self.replicas))
         key = AuditKey.load_or_create(self.config.audit_key_path)
         self._audit = AuditLog(self.db, key, head_path=self.config.audit_head_path)
         self.metrics.attach(FleetCollector(self._snapshot, self._audit.last_seq))

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from controller.audit import HistoryQuery
+from controller.auth import Role
 from controller.config import SshSettings
 from controller.lease_store import ReplicaIdInUse
 from controller.schemas import CommandResult, Targets
@@ -190,3 +191,24 @@ def test_gateways_removed_and_added_follow_the_leases(
     assert res.ok
     history = a.history(HistoryQuery(action="isolate"))
     assert [r.outcome for r in history] == ["requested", "ok"]
+
+
+def test_replicas_endpoint_metrics_and_shared_ui_secret(
+        pair: tuple[Controller, Controller, Sessions, Sessions]) -> None:
+    from fastapi.testclient import TestClient
+    from prometheus_client import generate_latest
+
+    from controller.api import create_app
+
+    a, b, _, _ = pair
+    token = a.create_token(user="v", role=Role.viewer, created_by="t", reason="t")
+    with TestClient(create_app(b)) as client:
+        body = client.get("/v1/replicas", headers={"Authorization": f"Bearer {token}"}).json()
+    assert body["replica_mode"] and body["me"] == "b"
+    assert {(r["replica_id"], r["live"], r["gateways"]) for r in body["replicas"]} == {
+        ("a", True, 3), ("b", True, 3)}
+    text = generate_latest(a.metrics.registry).decode()
+    assert 'drawbridge_controller_leases_held{replica="a"} 3.0' in text
+    assert "drawbridge_controller_replicas_live 2.0" in text
+    from controller.api import _ui_secret
+    assert _ui_secret(a) == _ui_secret(b)  # a form from one is good on the other
