@@ -383,7 +383,12 @@ def main(argv: list[str] | None = None) -> None:
         with PostgresServer.start() as pg, Lab.create(gateways=1, services=False) as lab:
             bench = Bench(lab, work, pg, args.gateways, args.apply_ms)
             try:
-                result = bench.run(args.rounds)
+                try:
+                    result = bench.run(args.rounds)
+                except Exception:
+                    for r in bench.rig.replicas:
+                        print(f"--- {r.replica_id}\n{r.log_text()[-4000:]}", file=sys.stderr)
+                    raise
                 if args.json:
                     args.json.write_text(json.dumps(result, indent=2))
                 sizes = [s for s in args.ansible_sizes if s <= args.gateways]

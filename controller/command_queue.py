@@ -161,6 +161,19 @@ class CommandQueue:
                 state=DONE, result=json.dumps(result, default=str), finished_at=now))
             return bool(done.rowcount)
 
+    def finish_many(self, results: Sequence[tuple[int, dict[str, Any]]]) -> None:
+        """`finish` for many rows in one transaction (the first result of each wins)."""
+        t = self.table
+        if not results:
+            return
+        with self.db.begin() as conn:
+            now = self.db.now(conn)
+            conn.execute(
+                t.update().where(t.c.seq == sa.bindparam("b_seq"), t.c.state != DONE)
+                .values(state=DONE, result=sa.bindparam("b_result"), finished_at=now),
+                [{"b_seq": seq, "b_result": json.dumps(res, default=str)}
+                 for seq, res in results])
+
     def drop(self, gateway: str, result: dict[str, Any]) -> list[int]:
         """Finish every unfinished row of a gateway with `result` (it left the inventory)."""
         t = self.table

@@ -45,6 +45,7 @@ log = logging.getLogger("drawbridge.controller.replicas")
 
 ORPHANS_EVERY = 5.0  # seconds between looks for commands whose acceptor died
 PRUNE_EVERY = 300.0  # seconds between sweeps of finished queue rows
+FULL_READ_EVERY = 1.0  # a waiter reads even its local rows' results from the queue
 KEEP_FINISHED = 7 * 86400.0  # how long finished rows stay (the audit log keeps the story)
 
 
@@ -63,8 +64,15 @@ class Replicas:
         self._valid_until = 0.0  # monotonic: our leases are trusted until then
         self._running: dict[int, str] = {}  # queue seq -> gateway, carried out here now
         self._wake = threading.Event()  # the worker: there may be work
+        # results of rows carried out here: written to the queue in batches by the
+        # finisher thread (one transaction for many rows), then handed to local waiters
+        self._outbox: list[tuple[Claimed, GatewayResult]] = []
+        self._outbox_ready = threading.Condition()
+        self._local: dict[int, GatewayResult] = {}  # recorded here, not yet picked up
         self._finished = threading.Condition()  # local waiters: a row finished here
-        self._stop = threading.Event()
+        self._waiting: set[int] = set()  # seqs that local waiters wait for
+        self._stop = threading.Event()  # the keeper and the worker
+        self._stop_finisher = threading.Event()  # after running requests drained
         self._threads: list[threading.Thread] = []
         self._last_prune = 0.0
         self._last_orphans = 0.0
@@ -82,8 +90,9 @@ class Replicas:
         self.store.register(api=api)
         self.tick()
         self.started = True
-        for name, loop in (("lease-keeper", self._keeper_loop), ("queue-worker",
-                                                                 self._worker_loop)):
+        for name, loop in (("lease-keeper", self._keeper_loop),
+                           ("queue-worker", self._worker_loop),
+                           ("queue-finisher", self._finisher_loop)):
             thread = threading.Thread(target=loop, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -92,18 +101,17 @@ class Replicas:
         """Stop the threads; with `release`, let running requests finish (up to
         `drain_seconds`) and give every lease back, so that the others take over at
         their next tick. Without it (tests: like a killed process) the leases run out."""
-        self._stop.set()
-        self._wake.set()
-        for thread in self._threads:
-            thread.join(timeout=5)
-        self._threads = []
+        self._halt(finisher=False)
         if not self.started:
+            self._halt()
             return
         self.started = False
         if release:
             deadline = self.clock() + drain_seconds
             while self.busy() and self.clock() < deadline:
                 time.sleep(0.05)
+        self._halt()
+        if release:
             try:
                 self.store.deregister()
             except ControllerError as exc:
@@ -112,14 +120,25 @@ class Replicas:
             self._held = {}
             self._valid_until = 0.0
 
+    def _halt(self, *, finisher: bool = True) -> None:
+        """Stop the keeper and the worker; with `finisher`, the finisher too (once it
+        wrote what it holds)."""
+        self._stop.set()
+        self._wake.set()
+        if finisher:
+            self._stop_finisher.set()
+            with self._outbox_ready:
+                self._outbox_ready.notify_all()
+        keep = [t for t in self._threads if not finisher and t.name == "queue-finisher"]
+        for thread in self._threads:
+            if thread not in keep:
+                thread.join(timeout=5)
+        self._threads = keep
+
     def crash(self) -> None:
         """Stop keeping leases and working the queue, give nothing back (tests: like a
         killed process; the accepting side still waits for results)."""
-        self._stop.set()
-        self._wake.set()
-        for thread in self._threads:
-            thread.join(timeout=5)
-        self._threads = []
+        self._halt()
         with self._lock:
             self._held = {}
             self._valid_until = 0.0
@@ -288,21 +307,45 @@ class Replicas:
         except Exception as exc:  # the fan-out pool was shut down under it
             res = failure(c.gateway, c.command.op, ControllerError(
                 f"not carried out: {exc!r}", code="internal"), 0.0)
-        with self._lock:
-            self._running.pop(c.seq, None)
         if res.error_code == LeaseLost.code:
+            with self._lock:
+                self._running.pop(c.seq, None)
             return  # left claimed under the old lease: the new holder carries it out
         self._finish(c, res)
 
     def _finish(self, c: Claimed, res: GatewayResult) -> None:
-        try:
-            self.queue.finish(c.seq, res.model_dump(mode="json"))
-        except ControllerError as exc:
-            log.warning("could not record the result of %s on %s: %s", c.command.command_id,
-                        c.gateway, exc.message)
-            return
-        with self._finished:
-            self._finished.notify_all()
+        with self._outbox_ready:
+            self._outbox.append((c, res))
+            self._outbox_ready.notify()
+
+    def _finisher_loop(self) -> None:
+        """Write finished rows' results in batches; a failed write is tried again (the
+        rows stay claimed by us until it succeeds, and nobody else runs them)."""
+        while True:
+            with self._outbox_ready:
+                while not self._outbox and not self._stop_finisher.is_set():
+                    self._outbox_ready.wait(1.0)
+                batch, self._outbox = self._outbox, []
+            if not batch:
+                return  # stopped, nothing left
+            try:
+                self.queue.finish_many([(c.seq, r.model_dump(mode="json")) for c, r in batch])
+            except ControllerError as exc:
+                log.warning("could not record %d result(s), trying again: %s", len(batch),
+                            exc.message)
+                with self._outbox_ready:
+                    self._outbox[:0] = batch
+                if self._stop_finisher.wait(0.5):
+                    return
+                continue
+            with self._lock:
+                for c, _ in batch:
+                    self._running.pop(c.seq, None)
+            with self._finished:
+                for c, r in batch:
+                    if c.seq in self._waiting:
+                        self._local[c.seq] = r
+                self._finished.notify_all()
 
     # -- the accepting side --------------------------------------------------------------
 
@@ -327,13 +370,12 @@ class Replicas:
                 chosen = [n for n in names if (p := current[n].pending) is not None
                           and p.command_id == retry_of.command_id]
             if pending is not None:
-                for n in chosen:
-                    ctl.states.write_locked(conn, current[n], {
-                        "pending": pending, "last_command_id": command.command_id})
+                ctl.states.write_many_locked(conn, [current[n] for n in chosen], {
+                    "pending": pending, "last_command_id": command.command_id})
             seqs = self.queue.insert(conn, command, chosen)
         on_accept(chosen)
         self._wake.set()
-        got = self.wait(dict(zip(seqs, chosen, strict=True)), on_result)
+        got = self.wait(dict(zip(seqs, chosen, strict=True)), command.op, on_result)
         return [got[s] for s in seqs]
 
     def wait_seconds(self) -> float:
@@ -342,29 +384,57 @@ class Replicas:
         s, ssh = self.settings, self.ctl.config.ssh
         return 2 * ssh.request_timeout + 2 * s.lease_ttl_seconds + ssh.connect_timeout + 30
 
-    def wait(self, seqs: dict[int, str],
+    def wait(self, seqs: dict[int, str], op: str,
              on_result: Callable[[GatewayResult], None]) -> dict[int, GatewayResult]:
+        """The rows' results as they come: those finished here are handed over in
+        memory, the others read from the queue every `queue_poll_seconds`."""
         got: dict[int, GatewayResult] = {}
         deadline = self.clock() + self.wait_seconds()
-        while True:
-            for seq, data in self.queue.results([s for s in seqs if s not in got]).items():
-                res = GatewayResult.model_validate(data)
-                got[seq] = res
-                try:
-                    on_result(res)
-                except Exception:
-                    log.exception("progress callback failed")
-            if len(got) == len(seqs):
-                return got
-            if self.clock() > deadline:
-                for seq, name in seqs.items():
-                    if seq not in got:
-                        got[seq] = GatewayResult(
-                            gateway=name, op="?", outcome="failed", ok=False,
-                            error_code="no_result",
-                            message=f"{name}: no result within {self.wait_seconds():.0f}s "
-                            "from the replica holding this gateway; the command stays "
-                            "queued and is carried out when a replica holds the gateway")
-                return got
+        with self._finished:
+            self._waiting.update(seqs)
+        try:
+            next_read = 0.0
+            next_full = self.clock() + FULL_READ_EVERY
+            while True:
+                with self._finished:
+                    fresh = {s: self._local.pop(s) for s in seqs if s in self._local}
+                if self.clock() >= next_read:
+                    next_read = self.clock() + self.settings.queue_poll_seconds
+                    # ours come in memory: read the others' (and, now and then, all:
+                    # a lease may have moved meanwhile)
+                    full = self.clock() >= next_full
+                    if full:
+                        next_full = self.clock() + FULL_READ_EVERY
+                    held = set() if full else self.held()
+                    missing = [s for s in seqs if s not in got and s not in fresh
+                               and seqs[s] not in held]
+                    for seq, data in self.queue.results(missing).items():
+                        fresh[seq] = GatewayResult.model_validate(data)
+                for seq, res in fresh.items():
+                    if seq in got:
+                        continue
+                    got[seq] = res
+                    try:
+                        on_result(res)
+                    except Exception:
+                        log.exception("progress callback failed")
+                if len(got) == len(seqs):
+                    return got
+                if self.clock() > deadline:
+                    return {**got, **self._no_result(seqs, got, op)}
+                with self._finished:
+                    if not any(s in self._local for s in seqs):
+                        self._finished.wait(max(0.0, next_read - self.clock()))
+        finally:
             with self._finished:
-                self._finished.wait(self.settings.queue_poll_seconds)
+                self._waiting.difference_update(seqs)
+                for s in seqs:
+                    self._local.pop(s, None)
+
+    def _no_result(self, seqs: dict[int, str], got: dict[int, GatewayResult],
+                   op: str) -> dict[int, GatewayResult]:
+        return {seq: GatewayResult(
+            gateway=name, op=op, outcome="failed", ok=False, error_code="no_result",
+            message=f"{name}: no result within {self.wait_seconds():.0f}s from the replica "
+            "holding this gateway; the command stays queued and is carried out when a "
+            "replica holds the gateway") for seq, name in seqs.items() if seq not in got}

@@ -136,6 +136,21 @@ class StateStore:
         """Write a row locked by `locked` in the same transaction."""
         return self._write(conn, old, changes)
 
+    def write_many_locked(self, conn: Connection, olds: list[GatewayState],
+                          changes: dict[str, Any]) -> None:
+        """The same change to rows locked by `locked`, in one statement (executemany)."""
+        if not olds:
+            return
+        t = self.table
+        rows = []
+        for old in olds:
+            new = GatewayState.model_validate({**old.model_dump(), **changes, "name": old.name,
+                                               "row_version": old.row_version + 1})
+            rows.append({f"v_{k}": v for k, v in fit_row(t, _to_row(new)).items()})
+        columns = [c.name for c in t.columns]
+        conn.execute(t.update().where(t.c.name == sa.bindparam("v_name")).values(
+            {c: sa.bindparam(f"v_{c}") for c in columns if c != "name"}), rows)
+
     def get(self, name: str) -> GatewayState:
         t = self.table
         with self.db.begin() as conn:
