@@ -174,6 +174,21 @@ class CommandQueue:
                 [{"b_seq": seq, "b_result": json.dumps(res, default=str)}
                  for seq, res in results])
 
+    def requeue(self, rows: Sequence[tuple[int, int]], replica: str) -> None:
+        """Give back rows (seq, claim epoch) claimed by `replica` and not sent: queued
+        again, for whoever holds their gateway (ourselves included) to claim in order.
+        A row claimed again meanwhile (under another epoch, or by another) is left."""
+        t = self.table
+        if not rows:
+            return
+        with self.db.begin() as conn:
+            conn.execute(
+                t.update().where(t.c.seq == sa.bindparam("b_seq"), t.c.state == CLAIMED,
+                                 t.c.claimed_by == replica,
+                                 t.c.claim_epoch == sa.bindparam("b_epoch"))
+                .values(state=QUEUED, claimed_by=None, claim_epoch=None, claimed_at=None),
+                [{"b_seq": seq, "b_epoch": epoch} for seq, epoch in rows])
+
     def drop(self, gateway: str, result: dict[str, Any]) -> list[int]:
         """Finish every unfinished row of a gateway with `result` (it left the inventory)."""
         t = self.table

@@ -376,10 +376,13 @@ def normalise_url(url: str) -> sa.URL:
 
 
 class Database:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 20) -> None:
+        """`pool_size`, `max_overflow`: PostgreSQL connections kept, and allowed beyond
+        them (a replica's lease keeper has a small pool of its own: its renewals never
+        wait for a connection behind a thousand gateways' results)."""
         self.url = url
         self.schema = Schema()
-        self.engine: Engine = self._create_engine(url)
+        self.engine: Engine = self._create_engine(url, pool_size, max_overflow)
         self.dialect = self.engine.dialect.name
 
     @property
@@ -392,7 +395,7 @@ class Database:
         return self.dialect == "postgresql"
 
     @staticmethod
-    def _create_engine(url: str) -> Engine:
+    def _create_engine(url: str, pool_size: int, max_overflow: int) -> Engine:
         parsed = normalise_url(url)
         if parsed.get_backend_name() == "sqlite":
             if parsed.database and parsed.database != ":memory:":
@@ -407,7 +410,8 @@ class Database:
             sa.event.listen(engine, "connect", _sqlite_pragmas)
             return engine
         try:
-            return sa.create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            return sa.create_engine(parsed, pool_pre_ping=True, pool_size=pool_size,
+                                    max_overflow=max_overflow)
         except (ImportError, SQLAlchemyError) as exc:
             raise ConfigError(f"cannot use database {parsed.render_as_string()}: {exc}") from None
 

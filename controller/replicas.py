@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from controller.command_queue import Claimed, CommandQueue, QueuedCommand
 from controller.config import ReplicaSettings
+from controller.db import Database
 from controller.errors import ControllerError, LeaseLost
 from controller.fleet import CHANGE_OPS, GatewayResult, failure
 from controller.inventory import Gateway
@@ -56,17 +57,26 @@ class Replicas:
         self.me = me
         self.settings = settings
         self.clock = clock
-        self.store = LeaseStore(ctl.db, me, ttl=settings.lease_ttl_seconds)
+        # the keeper's own connections: a renewal never queues behind commands' writes
+        self._keeper_db = Database(ctl.db.url, pool_size=1, max_overflow=2) \
+            if ctl.db.is_postgresql else ctl.db
+        self.store = LeaseStore(self._keeper_db, me, ttl=settings.lease_ttl_seconds)
         self.queue = CommandQueue(ctl.db)
         self._lock = threading.Lock()
         self._tick_lock = threading.Lock()
         self._held: dict[str, int] = {}  # gateway -> lease epoch
         self._valid_until = 0.0  # monotonic: our leases are trusted until then
         self._running: dict[int, str] = {}  # queue seq -> gateway, carried out here now
+        # A gateway whose request found our lease lapsed is fenced: its later rows are
+        # given up too (the turns run them in order), and once none runs any more they
+        # are all queued again in one go and the fence lifted. So a row given up is
+        # never overtaken by a later one of the same gateway.
+        self._fence: set[str] = set()
+        self._given_up: dict[str, list[Claimed]] = {}
         self._wake = threading.Event()  # the worker: there may be work
         # results of rows carried out here: written to the queue in batches by the
         # finisher thread (one transaction for many rows), then handed to local waiters
-        self._outbox: list[tuple[Claimed, GatewayResult]] = []
+        self._outbox: list[tuple[Claimed, GatewayResult | None]] = []  # None: requeue
         self._outbox_ready = threading.Condition()
         self._local: dict[int, GatewayResult] = {}  # recorded here, not yet picked up
         self._finished = threading.Condition()  # local waiters: a row finished here
@@ -116,6 +126,8 @@ class Replicas:
                 self.store.deregister()
             except ControllerError as exc:
                 log.warning("could not give the leases back: %s", exc.message)
+        if self._keeper_db is not self.ctl.db:
+            self._keeper_db.dispose()
         with self._lock:
             self._held = {}
             self._valid_until = 0.0
@@ -220,7 +232,9 @@ class Replicas:
 
     def guard(self, gw: Gateway) -> None:
         """Right before a request is sent: do we still hold the gateway?"""
-        if not self.holds(gw.name):
+        with self._lock:
+            fenced = gw.name in self._fence
+        if fenced or not self.holds(gw.name):
             raise LeaseLost(f"{gw.name}: this controller ({self.me.replica_id}) no longer "
                             "holds the gateway's lease; the replica that holds it now "
                             "carries the command out")
@@ -307,11 +321,32 @@ class Replicas:
         except Exception as exc:  # the fan-out pool was shut down under it
             res = failure(c.gateway, c.command.op, ControllerError(
                 f"not carried out: {exc!r}", code="internal"), 0.0)
-        if res.error_code == LeaseLost.code:
-            with self._lock:
-                self._running.pop(c.seq, None)
-            return  # left claimed under the old lease: the new holder carries it out
-        self._finish(c, res)
+        if res.error_code != LeaseLost.code:
+            self._finish(c, res)
+            return
+        # not sent: queued again once the gateway's other rows here are done (by the
+        # holder then: us after a late renewal, or the replica that took it over)
+        with self._lock:
+            self._running.pop(c.seq, None)
+            self._fence.add(c.gateway)
+            self._given_up.setdefault(c.gateway, []).append(c)
+            rows = self._drained()
+        self._requeue(rows)
+
+    def _drained(self) -> list[Claimed]:
+        """Under the lock: the given-up rows of gateways with nothing running here any
+        more (they go back to the queue together)."""
+        busy = set(self._running.values())
+        out: list[Claimed] = []
+        for name in [g for g in self._given_up if g not in busy]:
+            out += self._given_up.pop(name)
+        return out
+
+    def _requeue(self, rows: list[Claimed]) -> None:
+        if rows:
+            with self._outbox_ready:
+                self._outbox.extend((row, None) for row in rows)
+                self._outbox_ready.notify()
 
     def _finish(self, c: Claimed, res: GatewayResult) -> None:
         with self._outbox_ready:
@@ -329,7 +364,10 @@ class Replicas:
             if not batch:
                 return  # stopped, nothing left
             try:
-                self.queue.finish_many([(c.seq, r.model_dump(mode="json")) for c, r in batch])
+                self.queue.finish_many([(c.seq, r.model_dump(mode="json"))
+                                        for c, r in batch if r is not None])
+                self.queue.requeue([(c.seq, c.epoch) for c, r in batch if r is None],
+                                   self.me.replica_id)
             except ControllerError as exc:
                 log.warning("could not record %d result(s), trying again: %s", len(batch),
                             exc.message)
@@ -339,11 +377,18 @@ class Replicas:
                     return
                 continue
             with self._lock:
-                for c, _ in batch:
+                for c, r in batch:
                     self._running.pop(c.seq, None)
+                    if r is None and c.gateway not in self._given_up \
+                            and c.gateway not in self._running.values():
+                        self._fence.discard(c.gateway)
+                rows = self._drained()
+            self._requeue(rows)
+            if any(r is None for _, r in batch):
+                self._wake.set()  # claim them again (if the lease is still ours)
             with self._finished:
                 for c, r in batch:
-                    if c.seq in self._waiting:
+                    if r is not None and c.seq in self._waiting:
                         self._local[c.seq] = r
                 self._finished.notify_all()
 

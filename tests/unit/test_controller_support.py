@@ -217,7 +217,7 @@ def make_config(tmp: Path, *, db_url: str, **overrides: Any) -> ControllerConfig
         "fleet": {"parallelism": 8},
         "poll": {"enabled": False},
         # as replicas (PostgreSQL): quick leases, so that tests do not wait for them
-        "replicas": {"lease_ttl_seconds": 1.0, "renew_interval_seconds": 0.2,
+        "replicas": {"lease_ttl_seconds": 2.0, "renew_interval_seconds": 0.3,
                      "queue_poll_seconds": 0.02},
     }
     data.update(overrides)
