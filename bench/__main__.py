@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, each writing its own section of BENCHMARKS.md.
 
-    .venv/bin/python -m bench [apply] [probes] [fleet]     (default: all three)
+    .venv/bin/python -m bench [apply] [probes] [fleet] [replicas]     (default: all four)
 
 Runs as root; everything happens inside namespaces the benchmarks create.
 """
@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import sys
 
-from bench import apply, fleet, probe_sweep
+from bench import apply, fleet, probe_sweep, replicas
 
 
 def main() -> None:
-    chosen = set(sys.argv[1:]) or {"apply", "probes", "fleet"}
-    unknown = chosen - {"apply", "probes", "fleet"}
+    every = {"apply", "probes", "fleet", "replicas"}
+    chosen = set(sys.argv[1:]) or every
+    unknown = chosen - every
     if unknown:
         sys.exit(f"unknown benchmark(s): {', '.join(sorted(unknown))}; "
-                 "choose from apply, probes, fleet")
+                 "choose from apply, probes, fleet, replicas")
     if "apply" in chosen:
         sys.argv = ["bench.apply", "--write"]
         apply.main()
@@ -25,6 +26,8 @@ def main() -> None:
         probe_sweep.main(["--write"])
     if "fleet" in chosen:
         fleet.main([])
+    if "replicas" in chosen:
+        replicas.main([])
 
 
 if __name__ == "__main__":

@@ -300,7 +300,7 @@ def create_app(ctl: Controller) -> FastAPI:
     @app.get("/v1/status", response_model=list[GatewayView], tags=["state"])
     def status(p: Viewer, refresh: bool = False) -> list[GatewayView]:
         if refresh:
-            ctl.poll_once()
+            ctl.refresh(actor=p.user)
         return ctl.views()
 
     # -- commands --------------------------------------------------------------------------

@@ -214,6 +214,11 @@ class Fleet:
                     log.exception("result hook for %s failed", gw.name)
         return res
 
+    def background(self, gw: Gateway,
+                   fn: Callable[[Gateway, GatewayLink], Any]) -> Future[Any]:
+        """`fn` for one gateway on the background pool (no turn; see map_background)."""
+        return self._bg_pool.submit(fn, gw, self.links.get(gw))
+
     def map_background(self, gateways: Sequence[Gateway],
                        fn: Callable[[Gateway, GatewayLink], Any]) -> list[Any]:
         """Background work (polls): `fn` for each gateway on the background pool, beside

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("drawbridge.controller.replicas")
 
 ORPHANS_EVERY = 5.0  # seconds between looks for commands whose acceptor died
+POLL = "poll"  # the queue's op for a status poll by the holder (not an agent op)
 PRUNE_EVERY = 300.0  # seconds between sweeps of finished queue rows
 FULL_READ_EVERY = 1.0  # a waiter reads even its local rows' results from the queue
 KEEP_FINISHED = 7 * 86400.0  # how long finished rows stay (the audit log keeps the story)
@@ -304,9 +305,12 @@ class Replicas:
 
         args = cmd.rpc_args()
         try:
-            futures = self.ctl.fleet.submit(
-                gateways, cmd.op, lambda gw: args, after=after, guard=self.guard,
-                request_id=cmd.command_id if cmd.op in CHANGE_OPS else None)
+            if cmd.op == POLL:  # a status poll asked for through the queue (`refresh`)
+                futures = [self.ctl.fleet.background(gw, self._poll) for gw in gateways]
+            else:
+                futures = self.ctl.fleet.submit(
+                    gateways, cmd.op, lambda gw: args, after=after, guard=self.guard,
+                    request_id=cmd.command_id if cmd.op in CHANGE_OPS else None)
         except Exception:
             with self._lock:
                 for c in rows:
@@ -314,6 +318,18 @@ class Replicas:
             raise
         for c, fut in zip(rows, futures, strict=True):
             fut.add_done_callback(lambda f, c=c: self._done(c, f))  # type: ignore[misc]
+
+    def _poll(self, gw: Gateway, link: Any) -> GatewayResult:
+        started = time.perf_counter()
+        try:
+            self.guard(gw)
+        except LeaseLost as exc:
+            return failure(gw.name, POLL, exc, 0.0)
+        up = self.ctl.polls.poll_one(gw, link)
+        return GatewayResult(gateway=gw.name, op=POLL, outcome="applied" if up else
+                             "unreachable", ok=up, message="answered" if up else
+                             "did not answer the status poll",
+                             duration_seconds=time.perf_counter() - started)
 
     def _done(self, c: Claimed, fut: Future[GatewayResult]) -> None:
         try:

@@ -644,6 +644,14 @@ class Controller:
         """Read every gateway's status; record what changed; retry pending changes."""
         return self.polls.poll_once()
 
+    def refresh(self, *, actor: str) -> None:
+        """Poll every gateway now (`status --refresh`); as a replica, each by its holder
+        (through the queue), waiting for all of them."""
+        if self.replicas is None:
+            self.poll_once()
+            return
+        self.read(self.inventory.all(), "poll", actor=actor)
+
     def in_flight(self, command_id: str, gateway: str | None = None) -> bool:
         """Accepted and not finished yet (a retry of it now would deliver it twice); as a
         replica: queued or being carried out for `gateway` by any replica."""

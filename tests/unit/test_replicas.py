@@ -108,6 +108,11 @@ def test_leases_split_and_either_replica_runs_any_command(
     assert a.verify_audit().ok and b.verify_audit().ok
     # polls: each replica polls what it holds
     assert set(a.poll_once()) == held(a) and set(b.poll_once()) == held(b)
+    # a refresh polls every gateway, each by its holder
+    before = {v.name: v.observed_at for v in a.views()}
+    a.refresh(actor="vic")
+    assert all((v.observed_at or 0) > (before[v.name] or 0) for v in a.views())
+    assert set(sa_.targets) == held(a) and set(sb.targets) == held(b)
     # reads go to the holder too
     assert [r.gateway for r in a.exceptions(OPERATOR, Targets(gateways=tuple(held(b))))] \
         == sorted(held(b), key=NAMES.index)
