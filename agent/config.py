@@ -7,6 +7,7 @@ types is ever pasted into a ruleset as text.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 import tomllib
@@ -447,17 +448,35 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> AgentConfig:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    """A TOML file as a dict; unreadable or malformed files become a ConfigError."""
+def _read(path: Path) -> bytes:
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+
+
+def _toml(raw: bytes, path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file as a dict; unreadable or malformed files become a ConfigError."""
+    return _toml(_read(path), path)
+
+
 def load_config(path: Path) -> AgentConfig:
     return parse_config(read_toml(path), str(path))
+
+
+def config_digest(raw: bytes) -> str:
+    """Which config a gateway runs: the first 16 hex digits of the file's SHA-256."""
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def load_config_and_digest(path: Path) -> tuple[AgentConfig, str]:
+    """The config and the digest of exactly the bytes it was read from."""
+    raw = _read(path)
+    return parse_config(_toml(raw, path), str(path)), config_digest(raw)

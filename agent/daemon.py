@@ -37,7 +37,7 @@ class Daemon:
         self.engine = engine or Engine(config)
         # this daemon's probes verify every change, and every apply is timed for metrics
         self.engine.verifier = verifier_for(config, self.probes)
-        self.engine.on_apply = self.apply_durations.observe
+        self.engine.kernel.on_apply = self.apply_durations.observe
         self.dispatcher = Dispatcher(self.engine, probe=self.probes.handler(self.engine.store))
         # A slow run must never pile up: one instance at a time, missed runs coalesce.
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})

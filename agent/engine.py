@@ -11,9 +11,6 @@ it or none of it, and the reconcile loop converges on the desired state.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -22,14 +19,11 @@ from typing import Any
 from agent import exceptions
 from agent.config import AgentConfig, FlowRule
 from agent.errors import DrawbridgeError, InputError, NftError
-from agent.nft.facts import EXPIRY_SLACK_SECONDS, Facts, canonical, compare, flow_key
-from agent.nft.offload import bypasses, cut_offloaded
-from agent.nft.reference import References
+from agent.kernel import Kernel
+from agent.nft.facts import Facts
+from agent.nft.offload import cut_offloaded
 from agent.nft.render import (
-    ElementChange,
-    TextMemo,
     render,
-    render_delete,
     render_element_change,
 )
 from agent.nft.runner import Nft
@@ -53,6 +47,7 @@ from agent.results import (
     with_bypass,
 )
 from agent.state import DesiredState, ExceptionEntry, StateStore, VerificationResult
+from agent.version import package_version
 
 # status reads set contents back only up to this size (a 100k listing takes seconds);
 # beyond it, status compares structure and the reconcile loop's full checks cover elements
@@ -79,8 +74,10 @@ class Engine:
         hosts: ManagementHosts | None = None,
         on_apply: Callable[[float], None] | None = None,
         references: Callable[[str], Facts] | None = None,
+        config_digest: str = "",
     ) -> None:
         self.config = config
+        self.config_digest = config_digest  # which config file this engine runs
         self.nft = nft or Nft()
         self.store = StateStore(config.state_dir)
         self.verifier = verifier
@@ -88,11 +85,11 @@ class Engine:
         self.hosts = hosts or ManagementHosts(
             [m.host for m in config.management if m.host], state_dir=config.state_dir,
             timeout=config.resolve_timeout)
-        self.on_apply = on_apply
         self.stats = EngineStats()
+        self.kernel = Kernel(self.nft, config.state_dir, stats=self.stats,
+                             references=references)
+        self.kernel.on_apply = on_apply
         self._compiled: dict[str, CompiledProfile] = {}
-        self._element_text = TextMemo()
-        self._references = references or References()
         self._last_full_check = float("-inf")
 
     # -- policy --------------------------------------------------------------------------
@@ -115,7 +112,7 @@ class Engine:
         for name in self.config.profile_names():
             policy = self.policy_for(DesiredState(profile=name))
             assert policy is not None
-            self._reference(policy)
+            self.kernel.reference(policy)
 
     def render(self, profile: str) -> str:
         state = DesiredState(profile=profile)
@@ -123,66 +120,10 @@ class Engine:
         assert policy is not None
         return render(policy)
 
-    # -- kernel --------------------------------------------------------------------------
-
-    def _apply_file(self, script: str) -> None:
-        self.store.ensure_dir()
-        fd, path = tempfile.mkstemp(prefix=".apply-", suffix=".nft", dir=self.store.dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(script)
-            self.nft.apply_file(path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-
-    def _reference(self, policy: Policy) -> Facts:
-        """The structure (chains, rules, set types) the kernel holds for `policy`, learnt
-        in a scratch namespace before the desired state is written: that is the dry
-        check, and the reference every read-back is compared with (reference.py).
-        Elements are typed, collapsed values and are not part of it: checking 100k of
-        them would double the apply time. Learnt once per structure per process."""
-        return self._references(render(policy, with_elements=False))
-
-    def _compare(self, policy: Policy | None, *, elements: bool = True) -> list[str]:
-        live = self.nft.read_table(elements=elements)
-        return compare(policy, live, None if policy is None else self._reference(policy))
-
-    def _bypasses(self) -> tuple[str, ...]:
-        """Paths around our forward chain; the offloaded connections are cut when found
-        (and after every change while they exist)."""
-        found = tuple(bypasses(self.nft.read_ruleset()))
-        self.stats.bypass = found
-        return found
-
-    def _cut_bypass(self, isolated: bool) -> tuple[str, ...]:
-        found = self._bypasses()
-        if found and isolated:
-            problem = cut_offloaded()
-            if problem is not None:
-                found = (*found, problem)
-        return found
-
     def _verify(self, state: DesiredState, in_sync: bool,
                 bypass: tuple[str, ...]) -> VerificationResult:
         return with_bypass(self.verifier(state, in_sync), bypass,
                            self.config.allow_flow_offload)
-
-    def _converge(self, policy: Policy | None, phases: Phases) -> list[str]:
-        """Make the kernel hold `policy` (None: no table); returns the read-back
-        differences that remain (empty: the kernel holds exactly what was meant)."""
-        self._apply_file(render_delete() if policy is None
-                         else render(policy, element_text=self._element_text))
-        self._timed_apply(phases)
-        problems = self._compare(policy)
-        phases.mark("readback")
-        return problems
-
-    def _timed_apply(self, phases: Phases) -> None:
-        elapsed = phases.mark("apply")
-        self.stats.last_apply_seconds = elapsed
-        if self.on_apply is not None:
-            self.on_apply(elapsed)
 
     def _change(self, action: str, new: DesiredState, old: DesiredState,
                 who: dict[str, Any], note: str = "") -> ChangeResult:
@@ -191,17 +132,17 @@ class Engine:
         policy = self.policy_for(new)  # may raise before anything is touched
         phases.mark("policy")
         if policy is not None:
-            self._reference(policy)
+            self.kernel.reference(policy)
         phases.mark("check")
         self.store.save(new)
         phases.mark("persist")
         try:
-            problems = self._converge(policy, phases)
+            problems = self.kernel.converge(policy, phases)
         except DrawbridgeError as exc:
             self._failed(action, new, old, who, exc)
             raise
         return self._finish(action, new, problems, phases, who,
-                            self._cut_bypass(new.isolated), note)
+                            self.kernel.cut_bypass(new.isolated), note)
 
     def _failed(self, action: str, new: DesiredState, old: DesiredState, who: dict[str, Any],
                 exc: DrawbridgeError) -> None:
@@ -250,24 +191,10 @@ class Engine:
         except DrawbridgeError as exc:
             self._failed(action, new, old, who, exc)
             raise
-        self._timed_apply(phases)
-        problems = self._compare_exception_sets(policy)
+        self.kernel.timed_apply(phases)
+        problems = self.kernel.compare_exception_sets(policy)
         phases.mark("readback")
         return self._finish(action, new, problems, phases, who, self.stats.bypass)
-
-    def _extend_elements(self, old: list[ElementChange], new: list[ElementChange]) -> None:
-        """A new lifetime: re-adding an element updates its timeout where the kernel
-        supports it (Linux 6.10 and later); elsewhere the element is replaced."""
-        self.nft.apply_text(render_element_change(add=new))
-        left = self.nft.expiries(sorted({name for name, _ in new}))
-        wanted = ((name, canonical(flow_key(el)), (el.timeout or 0)) for name, el in new)
-        if any(left.get((name, key), 0) < timeout - EXPIRY_SLACK_SECONDS
-               for name, key, timeout in wanted):
-            self.nft.apply_text(render_element_change(remove=old, add=new))
-
-    def _compare_exception_sets(self, policy: Policy) -> list[str]:
-        live = self.nft.read_sets([name for name in policy.sets if name.startswith("exc_")])
-        return compare(policy, live)
 
     # -- verbs ---------------------------------------------------------------------------
 
@@ -321,9 +248,9 @@ class Engine:
         no new generation; journaled as a request all the same. None if the kernel
         differs: then the request is applied (and repairs it)."""
         policy = self.policy_for(state)
-        if self._compare(policy, elements=False):
+        if self.kernel.compare(policy, elements=False):
             return None
-        if policy is not None and self._compare_exception_sets(policy):
+        if policy is not None and self.kernel.compare_exception_sets(policy):
             return None
         who = _who(req, ref)
         what = f"isolated with profile {state.profile}" if state.isolated else "open"
@@ -382,7 +309,7 @@ class Engine:
             before = exceptions.element_changes(entry, now)
             after = exceptions.element_changes(longer, now)
             return self._change_elements("extend", new, old, who,
-                                         lambda: self._extend_elements(before, after))
+                                         lambda: self.kernel.extend_elements(before, after))
 
     def revoke(self, req: RevokeRequest, ref: RequestRef | None = None) -> ChangeResult:
         with self.store.locked():
@@ -428,7 +355,7 @@ class Engine:
             policy = self.policy_for(state)
             now_mono = time.monotonic()
             full = now_mono - self._last_full_check >= self.config.full_check_interval
-            problems = self._compare(policy, elements=full)
+            problems = self.kernel.compare(policy, elements=full)
             if full:
                 self._last_full_check = now_mono
             if not problems:
@@ -436,14 +363,14 @@ class Engine:
                 return None
             phases = Phases()
             try:
-                remaining = self._converge(policy, phases)
+                remaining = self.kernel.converge(policy, phases)
             except NftError as exc:
                 self.store.journal(action="repair", actor="agent", reason="drift",
                                    profile=state.profile, result="failed", error=str(exc),
                                    drift=problems)
                 raise
             self.stats.drift_repairs += 1
-            bypass = self._cut_bypass(state.isolated)
+            bypass = self.kernel.cut_bypass(state.isolated)
             verification = self._verify(state, not remaining, bypass)
             state = state.model_copy(update={"verification": verification})
             self.store.save(state)
@@ -463,7 +390,7 @@ class Engine:
         """A path around our forward chain that appeared since the last look: cut what
         was offloaded and record the state unverified (journal, status, metrics)."""
         before = self.stats.bypass
-        found = self._bypasses()
+        found = self.kernel.bypasses()
         if found == before or not state.isolated:
             return
         if found:
@@ -483,13 +410,14 @@ class Engine:
         state = self.store.load()
         policy = self.policy_for(state)
         full = elements and (policy is None or policy.element_count() <= STATUS_FULL_READ_LIMIT)
-        problems = self._compare(policy, elements=full)
+        problems = self.kernel.compare(policy, elements=full)
         return Status(
             gateway=self.config.gateway, state="isolated" if state.isolated else "open",
             profile=state.profile, since=state.since, actor=state.actor, reason=state.reason,
             in_sync=not problems, problems=tuple(problems), verification=state.verification,
             exceptions=state.live_exceptions(self.clock()), generation=state.generation,
-            drift_repairs=self.stats.drift_repairs, bypass=self._bypasses(),
+            drift_repairs=self.stats.drift_repairs, bypass=self.kernel.bypasses(),
+            agent_version=package_version(), config_digest=self.config_digest,
             unresolved=tuple(f"management host {h}: {e}"
                              for h, e in sorted(self.hosts.failures().items())),
         )

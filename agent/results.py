@@ -83,6 +83,8 @@ class Status(BaseModel):
     drift_repairs: int
     bypass: tuple[str, ...] = ()
     unresolved: tuple[str, ...] = ()  # management hostnames whose lookup fails (resolve.py)
+    agent_version: str = ""
+    config_digest: str = ""  # which config the agent runs (config.config_digest)
 
 
 class Phases:
