@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agent.config import AgentConfig, load_config
+from agent.config import AgentConfig, load_config, load_config_and_digest
 from agent.errors import DrawbridgeError
 from agent.localsock import LocalClient
 from agent.requests import parse_duration
@@ -163,7 +163,41 @@ def run(ctx: typer.Context, log_level: Annotated[str, typer.Option(
 
     setup_logging(log_level)
     c: Ctx = ctx.obj
-    Daemon(c.config).run_forever()
+    try:
+        config, digest = load_config_and_digest(c.config_path)
+    except DrawbridgeError as exc:
+        fail(str(exc), exc.exit_code)
+    Daemon(config, config_path=c.config_path, config_digest=digest).run_forever()
+
+
+ConfirmOpt = Annotated[str | None, typer.Option(
+    "--confirm-within", help="Commit-confirmed: unless `drawbridge-agent confirm` (or the "
+    "controller) confirms within this time (e.g. 60s, 5m; at least 5s), the agent returns to "
+    "the previous closed state by itself. Needs the daemon.")]
+
+
+def _confirm(value: str | None) -> dict[str, int]:
+    if value is None:
+        return {}
+    try:
+        return {"confirm_within_seconds": parse_duration(value)}
+    except ValueError as exc:
+        fail(f"--confirm-within: {exc}", 2)
+
+
+@app.command()
+def confirm(
+    ctx: typer.Context,
+    change: Annotated[str | None, typer.Argument(
+        help="The request id of the change to confirm (default: whichever is pending).")]
+    = None,
+    reason: Annotated[str, typer.Option(help="Why (kept in the journal).")] = "confirmed",
+    actor: Annotated[str | None, typer.Option(help="Who (default: USER@console).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+) -> None:
+    """Make the provisional change in force final (commit-confirmed)."""
+    args = {"request_id": change, "reason": reason, "actor": actor or default_actor()}
+    print_change(result_or_exit(ctx.obj.call("confirm", args)), as_json)
 
 
 @app.command()
@@ -174,11 +208,12 @@ def isolate(
     = "internet",
     actor: Annotated[str | None, typer.Option(help="Who (default: USER@console).")] = None,
     ticket: Annotated[str | None, typer.Option(help="Ticket id.")] = None,
+    confirm_within: ConfirmOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
     """Cut this gateway (and what is behind it) off the outside, in one transaction."""
     args = {"profile": profile, "reason": reason, "actor": actor or default_actor(),
-            "ticket": ticket}
+            "ticket": ticket, **_confirm(confirm_within)}
     print_change(result_or_exit(ctx.obj.call("isolate", args)), as_json)
 
 
@@ -188,10 +223,12 @@ def restore(
     reason: Annotated[str, typer.Option(help="Why (kept in the journal).")],
     actor: Annotated[str | None, typer.Option(help="Who (default: USER@console).")] = None,
     ticket: Annotated[str | None, typer.Option(help="Ticket id.")] = None,
+    confirm_within: ConfirmOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
     """Remove Drawbridge's table: everything is as it was before isolation."""
-    args = {"reason": reason, "actor": actor or default_actor(), "ticket": ticket}
+    args = {"reason": reason, "actor": actor or default_actor(), "ticket": ticket,
+            **_confirm(confirm_within)}
     print_change(result_or_exit(ctx.obj.call("restore", args)), as_json)
 
 
@@ -229,6 +266,7 @@ def allow(
         "both.")] = "out",
     actor: ActorOpt = None,
     ticket: TicketOpt = None,
+    confirm_within: ConfirmOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Open one flow while isolated; the kernel closes it at expiry, agent or not."""
@@ -243,7 +281,7 @@ def allow(
     ports: list[Any] = [int(p) if p.isdigit() else p for p in port or []]
     args = {"cidr": cidr, "proto": proto, "ports": ports, "direction": direction,
             "duration_seconds": _seconds(duration), "reason": reason,
-            "actor": actor or default_actor(), "ticket": ticket}
+            "actor": actor or default_actor(), "ticket": ticket, **_confirm(confirm_within)}
     print_change(result_or_exit(ctx.obj.call("allow", args)), as_json)
 
 

@@ -201,6 +201,16 @@ class ExceptionLimits(_Model):
     max_seconds: int = Field(default=30 * 24 * 3600, ge=60, le=365 * 24 * 3600)
 
 
+class ConfirmDefaults(_Model):
+    """Commit-confirmed deadlines (seconds) applied when a request names none; unset: a
+    change is final at once unless its request asks (`--confirm-within`)."""
+
+    isolate: int | None = Field(default=None, ge=5, le=86400)
+    restore: int | None = Field(default=None, ge=5, le=86400)
+    allow: int | None = Field(default=None, ge=5, le=86400)
+    reload: int | None = Field(default=None, ge=5, le=86400)
+
+
 class Profile(_Model):
     """A named profile: a built-in base plus flows it leaves open to named outside networks."""
 
@@ -351,6 +361,7 @@ class AgentConfig(_Model):
     profiles: dict[Name, Profile] = Field(default_factory=dict)
     probes: tuple[ProbeConfig, ...] = ()
     exceptions: ExceptionLimits = ExceptionLimits()
+    confirm: ConfirmDefaults = ConfirmDefaults()
     # A flowtable of another table (e.g. OpenWrt fw4's offload) carries established
     # connections past our forward chain: reported as unverified unless the operator
     # declares it a choice here. Offloaded connections are torn down on every change.

@@ -18,7 +18,11 @@ from typing import Any
 
 from agent import exceptions
 from agent.config import AgentConfig, FlowRule
-from agent.errors import DrawbridgeError, InputError, NftError
+from agent.confirm import due as confirm_due
+from agent.confirm import provisional_for
+from agent.confirm import rolled_back as confirm_rolled_back
+from agent.confirm import why as confirm_why
+from agent.errors import ConflictError, DrawbridgeError, InputError, NftError, StateError
 from agent.kernel import Kernel
 from agent.nft.facts import Facts
 from agent.nft.offload import cut_offloaded
@@ -31,6 +35,7 @@ from agent.policy import CompiledProfile, Policy, build_policy, compile_profile
 from agent.replay import RequestRef, error_answer, ok_answer, replay
 from agent.requests import (
     AllowRequest,
+    ConfirmRequest,
     ExtendRequest,
     IsolateRequest,
     RestoreRequest,
@@ -46,7 +51,13 @@ from agent.results import (
     readback_only,
     with_bypass,
 )
-from agent.state import DesiredState, ExceptionEntry, StateStore, VerificationResult
+from agent.state import (
+    DesiredState,
+    ExceptionEntry,
+    Provisional,
+    StateStore,
+    VerificationResult,
+)
 from agent.version import package_version
 
 # status reads set contents back only up to this size (a 100k listing takes seconds);
@@ -54,7 +65,8 @@ from agent.version import package_version
 STATUS_FULL_READ_LIMIT = 10_000
 
 
-ChangeRequest = IsolateRequest | RestoreRequest | AllowRequest | ExtendRequest | RevokeRequest
+ChangeRequest = (IsolateRequest | RestoreRequest | AllowRequest | ExtendRequest | RevokeRequest
+                 | ConfirmRequest)
 
 
 def _who(req: ChangeRequest, ref: RequestRef | None) -> dict[str, Any]:
@@ -91,6 +103,9 @@ class Engine:
         self.kernel.on_apply = on_apply
         self._compiled: dict[str, CompiledProfile] = {}
         self._last_full_check = float("-inf")
+        # set by the daemon: it enforces confirmation deadlines and holds old configs
+        self.deadlines_enforced = False
+        self.on_config_rollback: Callable[[Provisional], ChangeResult | None] | None = None
 
     # -- policy --------------------------------------------------------------------------
 
@@ -164,7 +179,7 @@ class Engine:
             in_sync=not problems, problems=tuple(problems), verification=verification,
             apply_seconds=phases.times["apply"], generation=new.generation,
             timings=phases.rounded(), bypass=bypass, note=note,
-            request_id=who.get("request_id"),
+            request_id=who.get("request_id"), provisional=new.provisional,
         )
         self.store.journal(
             action=action, profile=new.profile, result="applied", in_sync=not problems,
@@ -221,6 +236,7 @@ class Engine:
                 since=old.since if old.profile == req.profile else now,
                 actor=req.actor, reason=req.reason,
                 exceptions=carried, generation=old.generation + 1,
+                provisional=self._provisional("isolate", old, req.confirm_within_seconds, ref),
             )
             notes = []
             if carried:
@@ -238,7 +254,9 @@ class Engine:
             if not old.isolated and (noop := self._unchanged("restore", old, req, ref)):
                 return noop
             new = DesiredState(profile=None, since=self.clock(), actor=req.actor,
-                               reason=req.reason, generation=old.generation + 1)
+                               reason=req.reason, generation=old.generation + 1,
+                               provisional=self._provisional(
+                                   "restore", old, req.confirm_within_seconds, ref))
             return self._change("restore", new, old, _who(req, ref))
 
     def _unchanged(self, action: str, state: DesiredState, req: IsolateRequest | RestoreRequest,
@@ -283,8 +301,11 @@ class Engine:
                 expires_at=now + req.duration_seconds, created_at=now,
                 actor=req.actor, reason=req.reason, ticket=req.ticket,
             )
-            new = old.model_copy(update={"exceptions": (*live, entry),
-                                         "generation": old.generation + 1})
+            provisional = self._provisional("allow", old, req.confirm_within_seconds, ref,
+                                            exception_id=entry.id)
+            new = old.model_copy(update={
+                "exceptions": (*live, entry), "generation": old.generation + 1,
+                **({"provisional": provisional} if provisional else {})})
             who = {**_who(req, ref), "exception": entry.model_dump(mode="json")}
             changes = exceptions.element_changes(entry, now)
             return self._change_elements("allow", new, old, who, lambda: self.nft.apply_text(
@@ -319,21 +340,136 @@ class Engine:
             exceptions.check_isolated(old, "revoke")
             now = self.clock()
             entry = exceptions.find(old, req.id, now)
-            new = old.model_copy(update={
-                "exceptions": tuple(e for e in old.live_exceptions(now) if e.id != req.id),
-                "generation": old.generation + 1,
-            })
             who = {**_who(req, ref), "exception": entry.model_dump(mode="json")}
-            gone = exceptions.element_changes(entry, now)
+            return self._revoke("revoke", old, entry, who, now)
 
-            def apply() -> None:
-                # connections of the revoked flow lose their related-ICMP pass at once,
-                # and any of them that a flowtable carried is torn down
-                self.nft.apply_text(render_element_change(remove=gone, forget_live=True))
-                if self.stats.bypass:
-                    cut_offloaded()
+    def _revoke(self, action: str, old: DesiredState, entry: ExceptionEntry,
+                who: dict[str, Any], now: float) -> ChangeResult:
+        new = old.model_copy(update={
+            "exceptions": tuple(e for e in old.live_exceptions(now) if e.id != entry.id),
+            "generation": old.generation + 1,
+        })
+        gone = exceptions.element_changes(entry, now)
 
-            return self._change_elements("revoke", new, old, who, apply)
+        def apply() -> None:
+            # connections of the revoked flow lose their related-ICMP pass at once, and
+            # any of them that a flowtable carried is torn down
+            self.nft.apply_text(render_element_change(remove=gone, forget_live=True))
+            if self.stats.bypass:
+                cut_offloaded()
+
+        return self._change_elements(action, new, old, who, apply)
+
+    # -- commit-confirmed (confirm.py) ----------------------------------------------------
+
+    def _provisional(self, action: str, old: DesiredState, seconds: int | None,
+                     ref: RequestRef | None, **extra: str | None) -> Provisional | None:
+        seconds = seconds if seconds is not None else getattr(self.config.confirm, action)
+        if seconds is not None and not self.deadlines_enforced:
+            raise InputError("a confirmation deadline needs the agent daemon, which enforces "
+                             "it (drawbridge-agent run); it is not running")
+        return provisional_for(action, old, seconds=seconds, now=self.clock(),
+                               request_id=ref.id if ref else None, **extra)
+
+    def confirm(self, req: ConfirmRequest, ref: RequestRef | None = None) -> ChangeResult:
+        """The provisional change in force becomes final."""
+        with self.store.locked():
+            if (first := replay(self.store.journal_log, ref)) is not None:
+                return ChangeResult.model_validate(first)
+            state = self.store.load()
+            pending = state.provisional
+            if pending is not None and req.request_id not in (None, pending.request_id):
+                raise ConflictError(f"the provisional change is request "
+                                    f"{pending.request_id!r}, not {req.request_id!r}")
+            if pending is not None:
+                state = state.model_copy(update={"provisional": None})
+                self.store.save(state)
+            result = self._result("confirm", state, changed=pending is not None,
+                                  note=f"{pending.action} confirmed" if pending
+                                  else "nothing to confirm", ref=ref)
+            self.store.journal(action="confirm", profile=state.profile,
+                               result="confirmed" if pending else "noop",
+                               confirmed=pending.request_id if pending else None,
+                               **_who(req, ref), answer=ok_answer(result.model_dump(mode="json")))
+            return result
+
+    def expire(self) -> ChangeResult | None:
+        """Roll back a provisional change whose deadline passed (the daemon asks every
+        second). None when there is nothing due."""
+        with self.store.locked(timeout=5.0):
+            state = self.store.load()
+            now = self.clock()
+            due = confirm_due(state, now)
+            if due is None:
+                return None
+            who = {"actor": "agent", "reason": confirm_why(due), "rolled_back": due.request_id}
+            if due.keep:
+                state = state.model_copy(update={"provisional": None, "unconfirmed": (
+                    f"{confirm_why(due)}; kept (a rollback never opens the gateway)")})
+                self.store.save(state)
+                self.store.journal(action="rollback", profile=state.profile, result="kept",
+                                   **who)
+                return self._result("rollback", state, changed=False, note=state.unconfirmed)
+            if due.revoke_exception is not None:
+                live = {e.id: e for e in state.live_exceptions(now)}
+                cleared = state.model_copy(update={"provisional": None})
+                if due.revoke_exception not in live:  # it expired by itself meanwhile
+                    self.store.save(cleared)
+                    return None
+                return self._revoke("rollback", cleared, live[due.revoke_exception], who, now)
+            if due.config_digest is not None:
+                if self.on_config_rollback is None:
+                    raise StateError("a provisional reload is pending but no daemon holds "
+                                     "the previous config")
+                self.store.save(state.model_copy(update={"provisional": None}))
+                return self.on_config_rollback(due)
+            return self._change("rollback", confirm_rolled_back(state, due, now), state, who)
+
+    def reload(self, config: AgentConfig, digest: str, *, actor: str = "agent",
+               reason: str = "config reload", confirm: bool = True) -> ChangeResult:
+        """Run `config` from now on: the state in force is applied with it in one
+        transaction (never a moment without enforcement). Refused, with the old config
+        kept and the kernel untouched, if the new one cannot hold the state in force.
+        With `[confirm] reload`, the reload is provisional (the daemon keeps the old
+        config to return to)."""
+        with self.store.locked():
+            old_state = self.store.load()
+            previous = (self.config, self.config_digest)
+            self._swap(config, digest)
+            try:
+                if old_state.profile is not None:  # still a profile of the new config?
+                    self.config.profile(old_state.profile)
+                seconds = config.confirm.reload if confirm else None
+                provisional = self._provisional("reload", old_state, seconds, None,
+                                                config_digest=previous[1]) if seconds else None
+                new = old_state.model_copy(update={
+                    "generation": old_state.generation + 1,
+                    **({"provisional": provisional} if provisional else {})})
+                return self._change("reload", new, old_state, {
+                    "actor": actor, "reason": reason, "config_digest": digest,
+                    "previous_config_digest": previous[1]})
+            except DrawbridgeError:
+                self._swap(*previous)
+                raise
+
+    def _swap(self, config: AgentConfig, digest: str) -> None:
+        hosts = [m.host for m in config.management if m.host]
+        if tuple(dict.fromkeys(hosts)) != self.hosts.hosts:
+            self.hosts.close()
+            self.hosts = ManagementHosts(hosts, state_dir=config.state_dir,
+                                         timeout=config.resolve_timeout)
+        self.config, self.config_digest = config, digest
+        self._compiled.clear()
+
+    def _result(self, action: str, state: DesiredState, *, changed: bool, note: str = "",
+                ref: RequestRef | None = None) -> ChangeResult:
+        """An answer about the state in force, for changes that did not touch the kernel."""
+        return ChangeResult(
+            action=action, gateway=self.config.gateway,
+            state="isolated" if state.isolated else "open", profile=state.profile,
+            changed=changed, in_sync=True, verification=state.verification,
+            apply_seconds=0.0, generation=state.generation, note=note,
+            request_id=ref.id if ref else None)
 
     def list_exceptions(self) -> list[dict[str, object]]:
         state = self.store.load()
@@ -418,6 +554,7 @@ class Engine:
             exceptions=state.live_exceptions(self.clock()), generation=state.generation,
             drift_repairs=self.stats.drift_repairs, bypass=self.kernel.bypasses(),
             agent_version=package_version(), config_digest=self.config_digest,
+            provisional=state.provisional, unconfirmed=state.unconfirmed,
             unresolved=tuple(f"management host {h}: {e}"
                              for h, e in sorted(self.hosts.failures().items())),
         )

@@ -43,13 +43,26 @@ class _Request(BaseModel):
     ticket: Ticket = None
 
 
+ConfirmWithin = Annotated[int | None, Field(ge=5, le=86400)]
+
+
 class IsolateRequest(_Request):
     profile: Name = "internet"
     reason: Reason
+    # commit-confirmed: returned to safety by the agent unless confirmed in time
+    confirm_within_seconds: ConfirmWithin = None
 
 
 class RestoreRequest(_Request):
     reason: Reason
+    confirm_within_seconds: ConfirmWithin = None
+
+
+class ConfirmRequest(_Request):
+    """Confirm the provisional change in force (the one with this request id, if given)."""
+
+    request_id: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+    reason: Reason = "confirmed"
 
 
 class AllowRequest(_Request):
@@ -66,6 +79,7 @@ class AllowRequest(_Request):
     direction: Direction = "out"
     duration_seconds: int = Field(gt=0, le=MAX_EXCEPTION_SECONDS)
     reason: Reason
+    confirm_within_seconds: ConfirmWithin = None
 
     @model_validator(mode="after")
     def _check(self) -> AllowRequest:
@@ -105,7 +119,7 @@ class RenderRequest(BaseModel):
 
 
 Op = Literal["ping", "status", "isolate", "restore", "allow", "exceptions", "extend", "revoke",
-             "render", "probe", "journal", "checkpoint"]
+             "render", "probe", "journal", "checkpoint", "confirm"]
 
 
 def parse_duration(text: str) -> int:

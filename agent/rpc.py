@@ -26,6 +26,7 @@ from agent.errors import DrawbridgeError
 from agent.replay import RequestRef
 from agent.requests import (
     AllowRequest,
+    ConfirmRequest,
     ExtendRequest,
     IsolateRequest,
     Op,
@@ -162,6 +163,9 @@ class Dispatcher:
                 NoArgs.model_validate(args)
                 return {"gateway": engine.config.gateway,
                         "exceptions": engine.list_exceptions()}
+            case "confirm":
+                return engine.confirm(ConfirmRequest.model_validate(args),
+                                      env.ref()).model_dump(mode="json")
             case "extend":
                 return engine.extend(ExtendRequest.model_validate(args),
                                      env.ref()).model_dump(mode="json")
