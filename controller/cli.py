@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from typer.core import TyperGroup
 
+from agent.version import version_callback
 from controller.client import DEFAULT_URL, ApiClient, ClientError
 
 EXIT_FAILED, EXIT_INPUT, EXIT_AUTH, EXIT_CONTROLLER, EXIT_UNVERIFIED = 1, 2, 3, 4, 6
@@ -49,6 +50,13 @@ GroupOpt = Annotated[list[str] | None, typer.Option("--group", "-g",
                                                     help="Every gateway in this group.")]
 AllOpt = Annotated[bool, typer.Option("--all", help="Every gateway in the inventory.")]
 NamesArg = Annotated[list[str] | None, typer.Argument(help="Gateway names.")]
+
+
+@app.callback()
+def main_options(_version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=version_callback("drawbridge"),
+        help="Print the version and exit.")] = False) -> None:
+    """Drawbridge: isolate and restore gateways fleet-wide, with proof."""
 
 
 def print_json(data: Any) -> None:
