@@ -26,6 +26,7 @@ from rich.table import Table
 from agent.config import AgentConfig, load_config, load_config_and_digest
 from agent.errors import DrawbridgeError
 from agent.localsock import LocalClient
+from agent.relay import state_dir_of
 from agent.requests import parse_duration
 from agent.rpc import Dispatcher
 from agent.version import version_callback
@@ -61,6 +62,13 @@ class Ctx:
                 fail(str(exc), exc.exit_code)
         return self._config
 
+    @property
+    def socket_path(self) -> Path:
+        """The daemon's socket, from the config's state_dir read without validating the
+        rest: a running daemon answers even while the file on disk is being edited (it
+        runs the config it loaded; `config check` says what is wrong with the new one)."""
+        return state_dir_of(self.config_path) / SOCKET_FILE
+
     def dispatcher(self) -> Dispatcher:
         from agent.local import direct_dispatcher
 
@@ -78,7 +86,7 @@ class Ctx:
         request_id = self.request_id or f"cli-{uuid.uuid4().hex[:16]}"
         request = {"v": 1, "id": request_id, "op": op, "args": args}
         try:
-            client = LocalClient.connect(self.config.state_dir / SOCKET_FILE, self.timeout)
+            client = LocalClient.connect(self.socket_path, self.timeout)
         except OSError as exc:
             fail(f"cannot reach the agent daemon's socket: {exc.strerror or exc}", 1)
         if client is None:
@@ -433,6 +441,59 @@ def journal(
         table.add_row(_when(e.get("time")), e.get("action", ""), e.get("actor", ""),
                       str(e.get("profile") or "-"), e.get("result", ""), e.get("reason", ""))
     out.print(table)
+
+
+config_app = typer.Typer(help="The agent's config file.", no_args_is_help=True,
+                         rich_markup_mode=None)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("check")
+def config_check(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Check the config file on disk: every field, every profile's rules (accepted by the
+    kernel in a scratch network namespace, as root); applies nothing. Exit 2 when wrong.
+    A running daemon takes a new config on `systemctl reload drawbridge-agent` (SIGHUP)."""
+    from agent.engine import Engine
+    from agent.state import DesiredState
+
+    c: Ctx = ctx.obj
+    try:
+        config, digest = load_config_and_digest(c.config_path)
+        engine = Engine(config, config_digest=digest)
+        for name in config.profile_names():
+            policy = engine.policy_for(DesiredState(profile=name))
+            assert policy is not None
+            engine.kernel.reference(policy)
+    except DrawbridgeError as exc:
+        fail(str(exc), 2)
+    running = _running_digest(c)
+    report = {"config": str(c.config_path), "config_digest": digest, "ok": True,
+              "profiles": config.profile_names(), "running_config_digest": running}
+    if as_json:
+        out.print_json(data=report)
+        return
+    out.print(f"{c.config_path}: ok (digest {digest}); profiles: "
+              f"{', '.join(config.profile_names())}", highlight=False)
+    if running is not None and running != digest:
+        out.print(f"the running agent has config {running}: `systemctl reload "
+                  "drawbridge-agent` (SIGHUP) makes it take this one", highlight=False)
+
+
+def _running_digest(c: Ctx) -> str | None:
+    try:
+        client = LocalClient.connect(c.socket_path, 5.0)
+    except OSError:
+        return None
+    if client is None:
+        return None
+    try:
+        answer = client.call({"v": 1, "id": f"cli-{uuid.uuid4().hex[:16]}", "op": "ping"})
+    except (ConnectionError, OSError):
+        return None
+    finally:
+        client.close()
+    result = answer.get("result") or {}
+    return str(result.get("config_digest")) if answer.get("ok") else None
 
 
 @app.command()

@@ -196,7 +196,8 @@ class Daemon:
             log.error("no previous config %s to return to", due.config_digest)
             return None
         result = self.engine.reload(old, due.config_digest or "", reason="reload not "
-                                    "confirmed in time: previous config", confirm=False)
+                                    "confirmed in time: previous config", confirm=False,
+                                    action="rollback")
         self._adopt(old)
         return result
 

@@ -417,16 +417,19 @@ class Engine:
                     self.store.save(cleared)
                     return None
                 return self._revoke("rollback", cleared, live[due.revoke_exception], who, now)
-            if due.config_digest is not None:
-                if self.on_config_rollback is None:
-                    raise StateError("a provisional reload is pending but no daemon holds "
-                                     "the previous config")
-                self.store.save(state.model_copy(update={"provisional": None}))
-                return self.on_config_rollback(due)
-            return self._change("rollback", confirm_rolled_back(state, due, now), state, who)
+            if due.config_digest is None:
+                return self._change("rollback", confirm_rolled_back(state, due, now), state,
+                                    who)
+            if self.on_config_rollback is None:
+                raise StateError("a provisional reload is pending but no daemon holds the "
+                                 "previous config")
+            self.store.save(state.model_copy(update={"provisional": None}))
+        # outside the lock: a reload takes it itself
+        return self.on_config_rollback(due)
 
     def reload(self, config: AgentConfig, digest: str, *, actor: str = "agent",
-               reason: str = "config reload", confirm: bool = True) -> ChangeResult:
+               reason: str = "config reload", confirm: bool = True,
+               action: str = "reload") -> ChangeResult:
         """Run `config` from now on: the state in force is applied with it in one
         transaction (never a moment without enforcement). Refused, with the old config
         kept and the kernel untouched, if the new one cannot hold the state in force.
@@ -445,7 +448,7 @@ class Engine:
                 new = old_state.model_copy(update={
                     "generation": old_state.generation + 1,
                     **({"provisional": provisional} if provisional else {})})
-                return self._change("reload", new, old_state, {
+                return self._change(action, new, old_state, {
                     "actor": actor, "reason": reason, "config_digest": digest,
                     "previous_config_digest": previous[1]})
             except DrawbridgeError:

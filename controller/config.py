@@ -68,6 +68,17 @@ class ExceptionSettings(_Model):
     operator_widest_prefix_v6: int = Field(default=48, ge=1, le=128)
 
 
+class ConfirmSettings(_Model):
+    """Commit-confirmed for the controller's own commands: each is sent with this
+    deadline (seconds) and confirmed by the controller as soon as the gateway's answer
+    arrives over the same session, so a change that cuts the controller off is rolled
+    back by the agent. Unset: final at once (as before)."""
+
+    isolate: int | None = Field(default=None, ge=5, le=86400)
+    restore: int | None = Field(default=None, ge=5, le=86400)
+    allow: int | None = Field(default=None, ge=5, le=86400)
+
+
 class PollSettings(_Model):
     enabled: bool = True
     interval_seconds: float = Field(default=15.0, gt=0, le=86400)
@@ -104,6 +115,7 @@ class ControllerConfig(_Model):
     fleet: FleetSettings = FleetSettings()
     poll: PollSettings = PollSettings()
     exceptions: ExceptionSettings = ExceptionSettings()
+    confirm: ConfirmSettings = ConfirmSettings()
     log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
 
     @property

@@ -57,6 +57,7 @@ log = logging.getLogger("drawbridge.controller")
 
 Emit = Callable[[dict[str, Any]], None]
 STATE_OPS = ("isolate", "restore")
+CONFIRMED_OPS = ("isolate", "restore", "allow")  # may carry a confirmation deadline
 
 
 def _noop(event: dict[str, Any]) -> None:
@@ -358,6 +359,9 @@ class Controller:
         rpc_args = {**args, "reason": reason, "actor": actor}
         if op in CHANGE_OPS and ticket:
             rpc_args["ticket"] = ticket
+        deadline = getattr(self.config.confirm, op, None) if op in CONFIRMED_OPS else None
+        if deadline is not None:
+            rpc_args.setdefault("confirm_within_seconds", deadline)
         if op == "probe":
             rpc_args = {}
 
@@ -396,6 +400,12 @@ class Controller:
     def _after(self, gw: Gateway, link: GatewayLink, res: GatewayResult, *, command_id: str,
                op: str, actor: str, reason: str) -> GatewayResult:
         """Runs on the fan-out thread, still holding the gateway's turn."""
+        if res.result and res.result.get("provisional"):
+            problem = self.confirm_provisional(gw, link, res.result["provisional"])
+            if problem is not None:
+                res = res.model_copy(update={"message": f"{res.message}; not confirmed "
+                                             f"({problem}): the agent rolls it back at its "
+                                             "deadline"})
         now = self.clock()
         self.host_key_bookkeeping(gw, link, res.error_code)
         changes: dict[str, Any] = {}
@@ -431,6 +441,25 @@ class Controller:
                 "will_retry": True,
                 "message": res.message + " - will retry when the gateway answers"})
         return res
+
+    def confirm_provisional(self, gw: Gateway, link: GatewayLink,
+                            provisional: dict[str, Any]) -> str | None:
+        """The gateway answered over its management path, so that path works: make its
+        provisional change final (commit-confirmed). Not confirming leaves the agent to
+        roll it back at its deadline, which is what a change that cut us off needs.
+        Returns why it could not confirm, or None."""
+        request_id = provisional.get("request_id")
+        try:
+            link.call("confirm", {"request_id": request_id, "actor": SYSTEM_ACTOR,
+                                  "reason": "the controller reaches the gateway"})
+        except ControllerError as exc:
+            log.warning("%s: confirming %s failed: %s", gw.name, request_id, exc)
+            return exc.message
+        self.record(AuditEvent(actor=SYSTEM_ACTOR, action="confirm", outcome="ok",
+                               reason=f"{provisional.get('action')} confirmed: the controller "
+                                      "reaches the gateway", targets=(gw.name,),
+                               detail={"request_id": request_id}))
+        return None
 
     def host_key_bookkeeping(self, gw: Gateway, link: GatewayLink, code: str | None) -> None:
         """Audit a refused host key once per key seen; pin a key trusted on first use."""

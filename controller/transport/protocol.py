@@ -103,6 +103,9 @@ class AgentStatus(_Lenient):
     exceptions: list[dict[str, Any]] = Field(default_factory=list)
     generation: int = 0
     drift_repairs: int = 0
+    agent_version: str = ""
+    config_digest: str = ""
+    provisional: dict[str, Any] | None = None  # a change awaiting confirmation
 
 
 class AgentPing(_Lenient):
