@@ -497,6 +497,17 @@ def _running_digest(c: Ctx) -> str | None:
 
 
 @app.command()
+def boot(ctx: typer.Context) -> None:
+    """At boot, before any network is up: put back the isolation in force before the
+    reboot (from the ruleset saved at the last apply when it matches the config, else
+    from the config). Runs from drawbridge-agent-boot.service."""
+    from agent.boot import boot as run_boot
+
+    c: Ctx = ctx.obj
+    raise typer.Exit(run_boot(c.config_path))
+
+
+@app.command()
 def rpc(ctx: typer.Context) -> None:
     """SSH forced command: JSON requests on stdin, one JSON response line each (relayed to
     the daemon; answered directly only when no daemon runs)."""

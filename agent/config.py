@@ -7,7 +7,6 @@ types is ever pasted into a ruleset as text.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import re
 import tomllib
@@ -25,13 +24,12 @@ from pydantic import (
     model_validator,
 )
 
+from agent.digest import config_digest
 from agent.errors import ConfigError
+from agent.nettypes import Direction, IPNetwork, Proto
 from agent.text import FreeText
 from agent.wire import DEFAULT_STATE_DIR
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-Proto = Literal["tcp", "udp", "icmp"]
-Direction = Literal["in", "out", "both"]
 BUILTIN_PROFILES = ("internet", "full")
 RESERVED_PROFILE_NAMES = (*BUILTIN_PROFILES, "open")
 
@@ -480,11 +478,6 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def load_config(path: Path) -> AgentConfig:
     return parse_config(read_toml(path), str(path))
-
-
-def config_digest(raw: bytes) -> str:
-    """Which config a gateway runs: the first 16 hex digits of the file's SHA-256."""
-    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def load_config_and_digest(path: Path) -> tuple[AgentConfig, str]:

@@ -153,6 +153,7 @@ class Engine:
         phases.mark("persist")
         try:
             problems = self.kernel.converge(policy, phases)
+            self.kernel.save_boot(policy, config_digest=self.config_digest)
         except DrawbridgeError as exc:
             self._failed(action, new, old, who, exc)
             raise
@@ -503,6 +504,7 @@ class Engine:
             phases = Phases()
             try:
                 remaining = self.kernel.converge(policy, phases)
+                self.kernel.save_boot(policy, config_digest=self.config_digest)
             except NftError as exc:
                 self.store.journal(action="repair", actor="agent", reason="drift",
                                    profile=state.profile, result="failed", error=str(exc),

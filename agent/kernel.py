@@ -9,11 +9,15 @@ memory that makes repeated changes cheap: the reference structure per skeleton
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.boot_files import BOOT_META, BOOT_RULESET
+from agent.errors import StateError
 from agent.nft.facts import EXPIRY_SLACK_SECONDS, Facts, canonical, compare, flow_key
 from agent.nft.offload import bypasses, cut_offloaded
 from agent.nft.reference import References
@@ -27,6 +31,20 @@ from agent.nft.render import (
 from agent.nft.runner import Nft
 from agent.policy import Policy
 from agent.results import EngineStats, Phases
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(f".tmp.{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise StateError(f"cannot write {path}: {exc.strerror}") from None
 
 
 class Kernel:
@@ -92,6 +110,21 @@ class Kernel:
         problems = self.compare(policy)
         phases.mark("readback")
         return problems
+
+    def save_boot(self, policy: Policy | None, *, config_digest: str) -> None:
+        """What the boot path applies after a reboot (boot.py): this policy without its
+        exceptions (their time runs on; boot adds the live ones from the state file),
+        and what it was made for. Written after every full apply; removed when open."""
+        ruleset, meta = self.work_dir / BOOT_RULESET, self.work_dir / BOOT_META
+        if policy is None:
+            for path in (ruleset, meta):
+                path.unlink(missing_ok=True)
+            return
+        closed = dataclasses.replace(policy, sets={
+            name: (() if name.startswith("exc_") else els) for name, els in policy.sets.items()})
+        _write_atomically(ruleset, render(closed, element_text=self._element_text))
+        _write_atomically(meta, json.dumps({"profile": policy.profile,
+                                            "config_digest": config_digest}))
 
     def timed_apply(self, phases: Phases) -> None:
         elapsed = phases.mark("apply")

@@ -12,7 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from agent.config import Direction, Name, Network, PortRange, Proto, check_ports_fit_proto
+from agent.config import Name, Network, PortRange, check_ports_fit_proto
+from agent.nettypes import Direction, Proto
 from agent.text import Reason
 
 MAX_EXCEPTION_SECONDS = 30 * 24 * 3600

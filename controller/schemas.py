@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from agent.config import Direction, Name, Network, PortRange, Proto, check_ports_fit_proto
+from agent.config import Name, Network, PortRange, check_ports_fit_proto
+from agent.nettypes import Direction, Proto
 from agent.requests import MAX_EXCEPTION_SECONDS, ExceptionId, Ticket
 from agent.text import FreeText, Reason
 from controller.audit import AuditRecord, VerifyReport

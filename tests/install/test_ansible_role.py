@@ -69,9 +69,9 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_role_unit_with_defaults_is_deploy_systemd_unit(rendered: Path) -> None:
-    assert (rendered / "drawbridge-agent.service").read_text() == \
-        (ROOT / "deploy" / "systemd" / "drawbridge-agent.service").read_text()
+@pytest.mark.parametrize("unit", ["drawbridge-agent.service", "drawbridge-agent-boot.service"])
+def test_role_unit_with_defaults_is_deploy_systemd_unit(rendered: Path, unit: str) -> None:
+    assert (rendered / unit).read_text() == (ROOT / "deploy" / "systemd" / unit).read_text()
 
 
 def test_role_sshd_dropin_is_deploy_ssh_example(rendered: Path) -> None:
