@@ -17,20 +17,22 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from agent.config import AgentConfig, load_config, load_config_and_digest
+from agent.durations import parse_duration
 from agent.errors import DrawbridgeError
-from agent.localsock import LocalClient
+from agent.localclient import LocalClient
 from agent.relay import state_dir_of
-from agent.requests import parse_duration
-from agent.rpc import Dispatcher
 from agent.version import version_callback
 from agent.wire import DEFAULT_CONFIG, SOCKET_FILE
+
+if TYPE_CHECKING:  # loaded only on the direct path: the daemon's clients need neither
+    from agent.config import AgentConfig
+    from agent.rpc import Dispatcher
 
 EXIT_BY_CODE = {"bad_request": 2, "bad_json": 2, "too_large": 2, "config_error": 2,
                 "unsupported_version": 2, "conflict": 2, "nft_error": 3, "state_error": 4,
@@ -56,6 +58,8 @@ class Ctx:
     @property
     def config(self) -> AgentConfig:
         if self._config is None:
+            from agent.config import load_config
+
             try:
                 self._config = load_config(self.config_path)
             except DrawbridgeError as exc:
@@ -175,6 +179,8 @@ def run(ctx: typer.Context, log_level: Annotated[str, typer.Option(
 
     setup_logging(log_level)
     c: Ctx = ctx.obj
+    from agent.config import load_config_and_digest
+
     try:
         config, digest = load_config_and_digest(c.config_path)
     except DrawbridgeError as exc:
@@ -453,6 +459,7 @@ def config_check(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Check the config file on disk: every field, every profile's rules (accepted by the
     kernel in a scratch network namespace, as root); applies nothing. Exit 2 when wrong.
     A running daemon takes a new config on `systemctl reload drawbridge-agent` (SIGHUP)."""
+    from agent.config import load_config_and_digest
     from agent.engine import Engine
     from agent.state import DesiredState
 

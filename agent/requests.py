@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from agent.config import Name, Network, PortRange, check_ports_fit_proto
+from agent.durations import parse_duration as parse_duration
 from agent.nettypes import Direction, Proto
 from agent.text import Reason
 
@@ -121,12 +122,3 @@ class RenderRequest(BaseModel):
 
 Op = Literal["ping", "status", "isolate", "restore", "allow", "exceptions", "extend", "revoke",
              "render", "probe", "journal", "checkpoint", "confirm"]
-
-
-def parse_duration(text: str) -> int:
-    """'90s', '15m', '4h', '2d' or plain seconds, as whole seconds."""
-    match = re.fullmatch(r"\s*(\d{1,7})\s*([smhd]?)\s*", text)
-    if not match:
-        raise ValueError(f"{text!r} is not a duration like 90s, 15m, 4h or 2d")
-    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    return int(match.group(1)) * unit
