@@ -90,6 +90,7 @@ class Daemon:
     def probe_sweep(self) -> None:
         """Run every probe; if the verdict on the current state changed, record it.
         Without probes the verdict is the reconcile loop's read-back alone."""
+        started = time.time()
         try:
             state = self.engine.store.load()
             results = self.probes.run(isolated=state.isolated)
@@ -99,11 +100,15 @@ class Daemon:
         in_sync = (self.health.in_sync if self.health.in_sync is not None
                    else "readback" not in state.verification.failing)
         checked = [r for r in results if r.expected != "any"]
-        self.record_verification(state, verification_from(checked, in_sync, time.time()))
+        self.record_verification(state, verification_from(checked, in_sync, time.time()),
+                                 started=started)
 
-    def record_verification(self, seen: DesiredState, verdict: VerificationResult) -> bool:
+    def record_verification(self, seen: DesiredState, verdict: VerificationResult, *,
+                            started: float | None = None) -> bool:
         """Store a sweep's verdict on `seen` unless a change came in since (the change
-        verified itself). Writes only when the verdict differs. True if written."""
+        verified itself) or a verdict was recorded after the sweep `started` (the state
+        file is written before a change is applied: a sweep can read the new state while
+        the kernel still holds the old one). Writes only when the verdict differs."""
         old = seen.verification
         if (old.status, old.failing) == (verdict.status, verdict.failing):
             return False
@@ -112,6 +117,9 @@ class Daemon:
             with store.locked(timeout=5.0):
                 current = store.load()
                 if current.generation != seen.generation or current.profile != seen.profile:
+                    return False
+                checked_at = current.verification.checked_at
+                if started is not None and checked_at is not None and checked_at >= started:
                     return False
                 store.save(current.model_copy(update={"verification": verdict}))
                 store.journal(action="verify", actor="agent", reason="probe sweep",

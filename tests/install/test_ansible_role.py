@@ -42,6 +42,8 @@ def variables(path: Path) -> set[str]:
 
 
 def test_playbook_syntax() -> None:
+    # stdin: Ansible refuses a non-blocking one, and tests run before may have left
+    # pytest's stdin so
     proc = subprocess.run(["ansible-playbook", "--syntax-check", "-i", str(INVENTORY),
                            str(ANSIBLE / "drawbridge-agent.yml")],
                           capture_output=True, text=True, timeout=120, check=False)
@@ -63,7 +65,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = subprocess.run(
         ["ansible-playbook", "-i", str(INVENTORY), "-e", f"out_dir={out}",
          str(Path(__file__).with_name("render_role_templates.yml"))],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True, text=True, timeout=120, check=False, stdin=subprocess.DEVNULL,
         env={**os.environ, "ANSIBLE_LOCAL_TEMP": str(out / ".tmp"), "ANSIBLE_NOCOLOR": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
