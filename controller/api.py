@@ -102,6 +102,7 @@ class GateMiddleware:
         open_path = path in OPEN_PATHS or path == "/ui" or path.startswith("/ui/") or (
             path == "/metrics" and not self.ctl.config.api.metrics_require_token)
         principal: Principal | None = None
+        source = client_address(scope)
         if not open_path:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                        for k, v in scope.get("headers", [])}
@@ -109,14 +110,15 @@ class GateMiddleware:
             token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
             try:
                 principal = await anyio.to_thread.run_sync(
-                    lambda: self.ctl.authenticate(token, path=f"{method} {path}"))
+                    lambda: self.ctl.authenticate(token, path=f"{method} {path}",
+                                                  source=source))
             except Unauthorized as exc:
                 await _error(401, exc.code, exc.message)(scope, receive, send)
                 return
             scope.setdefault("state", {})["principal"] = principal
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._too_large(principal, method, path, scope, receive, send)
+            await self._too_large(principal, source, method, path, scope, receive, send)
             return
         # Read the whole body here (it is small by contract) so that an oversize one is
         # refused before any route sees a byte of it, whether or not it was declared.
@@ -129,7 +131,8 @@ class GateMiddleware:
             body += message.get("body", b"")
             more = bool(message.get("more_body", False))
             if len(body) > self.limit:
-                await self._too_large(principal, method, path, scope, receive, send)
+                await self._too_large(principal, source, method, path, scope, receive,
+                                      send)
                 return
         replayed = False
 
@@ -142,12 +145,19 @@ class GateMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, principal: Principal | None, method: str, path: str,
-                         scope: Scope, receive: Receive, send: Send) -> None:
+    async def _too_large(self, principal: Principal | None, source: str, method: str,
+                         path: str, scope: Scope, receive: Receive, send: Send) -> None:
         exc = ControllerError(f"the request body exceeds {self.limit} bytes", code="too_large")
         await anyio.to_thread.run_sync(
-            lambda: self.ctl.refused(principal, f"{method} {path}", exc))
+            lambda: self.ctl.refused(principal, f"{method} {path}", exc, source=source))
         await _error(413, exc.code, exc.message)(scope, receive, send)
+
+
+def client_address(scope: Scope) -> str:
+    """The peer's address as the server saw it (behind a reverse proxy: the proxy's;
+    forwarded headers are not trusted, anyone can send them)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
 
 
 def _principal(request: Request) -> Principal:
@@ -236,7 +246,8 @@ def create_app(ctl: Controller) -> FastAPI:
         refusal = InputError(message)
         await anyio.to_thread.run_sync(lambda: ctl.refused(
             principal if isinstance(principal, Principal) else None,
-            f"{request.method} {request.url.path}", refusal))
+            f"{request.method} {request.url.path}", refusal,
+            source=client_address(request.scope)))
         return _error(422, "bad_request", message, details)
 
     @app.exception_handler(StarletteHTTPException)

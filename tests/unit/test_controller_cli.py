@@ -126,7 +126,7 @@ def test_audit_verify_names_the_tampered_record(served) -> None:  # type: ignore
     ctl, _fleet, url, tokens = served
     run(url, tokens["operator"], "isolate", "--all", "--reason", "x")
     code, out = run(url, tokens["viewer"], "audit", "verify")
-    assert code == 0 and "intact" in out
+    assert code == 0 and "intact" in out, out
     raw_sql(ctl.config.db_url, "UPDATE audit_log SET reason = 'nothing to see' WHERE seq = 5")
     code, out = run(url, tokens["viewer"], "audit", "verify")
     assert code == 1 and "#5" in out and "altered" in out

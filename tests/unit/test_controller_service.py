@@ -264,8 +264,13 @@ def test_exception_breadth_depends_on_the_role(ctl: Controller, fake_fleet: Fake
                 ctl.allow(who, gw0, flow=_flow(cidr), reason="restore in all but name",
                           ticket=None)
     assert fake_fleet.agents["gw0"].calls == []  # nothing was sent anywhere
+    ctl.refusals.flush(everything=True)  # per user and window: the first, then a count
     refusals = [r for r in ctl.history(HistoryQuery()) if r.outcome == "refused"]
-    assert len(refusals) == 6 and all(r.detail["request"] == "allow" for r in refusals)
+    first = [r for r in refusals if r.action != "refusal.summary"]
+    counted = [r.detail for r in refusals if r.action == "refusal.summary"]
+    assert len(first) + sum(d["count"] for d in counted) == 6
+    assert all(r.detail["request"] == "allow" for r in first)
+    assert all(d["requests"] == {"allow": d["count"]} for d in counted)
     assert ctl.allow(ADMIN, gw0, flow=_flow("198.51.0.0/16"), reason="wide, by an admin",
                      ticket=None).ok
     assert ctl.allow(OPERATOR, gw0, flow=_flow("203.0.113.0/24"), reason="narrow",
