@@ -91,7 +91,7 @@ class CheckpointStore:
         return StoredCheckpoint(checkpoint=cp, public_key=row.public_key,
                                 anchored=anchored if isinstance(anchored, dict) else {})
 
-    def list(self, *, since_seq: int = 0, since_time: float | None = None,
+    def find(self, *, since_seq: int = 0, since_time: float | None = None,
              limit: int = 100_000) -> list[StoredCheckpoint]:
         """Oldest first."""
         t = self.table
@@ -103,7 +103,7 @@ class CheckpointStore:
         return [self._of(r) for r in reversed(rows)]
 
     def last(self) -> StoredCheckpoint | None:
-        found = self.list(limit=1)
+        found = self.find(limit=1)
         return found[-1] if found else None
 
 
@@ -136,6 +136,8 @@ class Checkpointer:
             self.make(why)
         except ControllerError as exc:
             log.warning("checkpoint (%s) not made: %s", why, exc.message)
+        except RuntimeError as exc:  # the controller is stopping (its pools are shut)
+            log.info("checkpoint (%s) not made: %s", why, exc)
         except Exception:
             log.exception("checkpoint (%s) failed", why)
 
@@ -221,7 +223,7 @@ class Checkpointer:
     # -- export and verification -------------------------------------------------------------
 
     def export(self, *, since_seq: int = 0, last: int | None = None) -> CheckpointFile:
-        found = self.store.list(since_seq=since_seq)
+        found = self.store.find(since_seq=since_seq)
         if last is not None:
             found = found[-last:] if last else []
         return CheckpointFile(public_key=self.key.public_b64, key_id=self.key.key_id,
@@ -230,6 +232,6 @@ class Checkpointer:
     def stored_claims(self) -> list[CheckpointClaim]:
         """The database's own checkpoints, as claims on the chain (their signatures
         checked with the controller's key: the database cannot forge one)."""
-        return claims_from([s.checkpoint for s in self.store.list()], source="database",
+        return claims_from([s.checkpoint for s in self.store.find()], source="database",
                            controller_public=self.key.public_raw)
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -48,15 +51,13 @@ from controller.exceptions import check_breadth
 from controller.fleet import CHANGE_OPS, EXCEPTION_OPS, Fleet, GatewayResult
 from controller.inventory import Gateway, Inventory, parse_address
 from controller.metrics import ControllerMetrics, FleetCollector
-from controller.plans import Plan
+from controller.plan_service import Plans
 from controller.polling import SYSTEM_ACTOR, Polls
 from controller.refusals import Refusal, RefusalAggregator
 from controller.schemas import (
     CommandResult,
     GatewayView,
     PendingView,
-    PlanResult,
-    StageResult,
     Targets,
 )
 from controller.states import GatewayState, Pending, StateStore
@@ -64,7 +65,7 @@ from controller.transport.link import GatewayLink, LinkRegistry, SessionFactory
 from controller.transport.protocol import AgentChange
 from controller.transport.ssh import AgentSession, load_private_key
 from controller.web.plan_metrics import PlanStageCollector
-from controller.web.sources import AuditPlanSource
+from controller.web.sources import DbPlanSource
 
 log = logging.getLogger("drawbridge.controller")
 
@@ -78,6 +79,30 @@ def _noop(event: dict[str, Any]) -> None:
 
 def _short_id() -> str:
     return uuid.uuid4().hex[:16]
+
+
+def instance_id(path: Path) -> str:
+    """This controller's stable id (a file in its state dir, made on first start): who
+    holds a plan's lease. Kept across restarts, so a restarted controller resumes its
+    own plans at once instead of waiting for their leases to run out."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+        if text:
+            return text[:64]
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    value = f"{socket.gethostname().split('.')[0][:40] or 'controller'}-{uuid.uuid4().hex[:12]}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return instance_id(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(value + "\n")
+    return value
 
 
 def audit_result(res: GatewayResult) -> dict[str, Any]:
@@ -111,6 +136,7 @@ class Controller:
         self.metrics = ControllerMetrics()
         self._audit: AuditLog | None = None
         self._checkpoints: Checkpointer | None = None
+        self._plans: Plans | None = None
         self.refusals = RefusalAggregator(
             self._record_refusal, window_seconds=config.audit.refusal_window_seconds,
             max_sources=config.audit.refusal_max_sources)
@@ -140,7 +166,8 @@ class Controller:
         self._audit.check_head()
         self._checkpoints = Checkpointer(self, signer)
         self.metrics.attach(FleetCollector(self._snapshot, self._audit.last_seq))
-        self.metrics.attach(PlanStageCollector(AuditPlanSource(self._audit).latest))
+        self._plans = Plans(self, instance_id(self.config.instance_id_path))
+        self.metrics.attach(PlanStageCollector(DbPlanSource(self._plans.store).latest))
         return self
 
     def _on_alarm(self, alarm: TamperAlarm | None) -> None:
@@ -149,10 +176,12 @@ class Controller:
             self.metrics.audit_alarms.inc()
 
     def close(self) -> None:
-        if self._audit is not None:
-            self.refusals.flush(everything=True)
+        if self._plans is not None:
+            self._plans.driver.shutdown()
         if self._checkpoints is not None:
             self._checkpoints.shutdown()
+        if self._audit is not None:
+            self.refusals.flush(everything=True)
         self.streams.shutdown(wait=False, cancel_futures=True)
         self.fleet.shutdown()
         self.links.close_all()
@@ -172,6 +201,12 @@ class Controller:
         if self._checkpoints is None:
             raise ConfigError("the controller is not open (call open() first)")
         return self._checkpoints
+
+    @property
+    def plans(self) -> Plans:
+        if self._plans is None:
+            raise ConfigError("the controller is not open (call open() first)")
+        return self._plans
 
     def record(self, event: AuditEvent) -> AuditRecord:
         return self.audit.append(event)
@@ -518,88 +553,6 @@ class Controller:
                     actor=SYSTEM_ACTOR, action="hostkey.pinned", outcome="ok",
                     reason="trust on first use, as asked at 'gateway add'", targets=(gw.name,),
                     detail={"host_key": seen, "address": gw.address}))
-
-    # -- restore plans -------------------------------------------------------------------
-
-    def restore_plan(self, principal: Principal, targets: Targets, plan: Plan, *,
-                     reason: str, ticket: str | None, start: str | None = None,
-                     through: str | None = None, emit: Emit = _noop,
-                     sleep: Callable[[float], None] = time.sleep) -> PlanResult:
-        gateways = self.select(principal, targets, "restore")
-        try:
-            stages = plan.window(start, through)
-        except ControllerError as exc:
-            self.refused(principal, "restore", exc)
-            raise
-        plan_id, t0 = _short_id(), time.perf_counter()
-        names = [g.name for g in gateways]
-        self.record(AuditEvent(
-            actor=principal.user, action="restore.plan", outcome="requested", reason=reason,
-            ticket=ticket, targets=tuple(names), command_id=plan_id,
-            detail={"plan": plan.model_dump(mode="json"),
-                    "stages": [s.name for s in stages]}))
-        results: list[StageResult] = []
-        stopped: str | None = None
-        last_ids: dict[str, str] = {}
-        for stage in stages:
-            members = [g for g in gateways if stage.selects(g.name, g.groups)]
-            shown = [g.name for g in members]
-            if stopped is not None:
-                results.append(StageResult(name=stage.name, action=stage.action,
-                                           profile=stage.profile, gateways=shown,
-                                           skipped="not run: " + stopped))
-                continue
-            if not members:
-                results.append(StageResult(name=stage.name, action=stage.action,
-                                           profile=stage.profile, gateways=[],
-                                           skipped="no gateway of this command is in it"))
-                continue
-            emit({"event": "stage", "name": stage.name, "action": stage.action,
-                  "profile": stage.profile, "gateways": shown})
-            if stage.pause_seconds:
-                sleep(stage.pause_seconds)
-            superseded = self._superseded(members, last_ids)
-            if superseded:
-                stopped = superseded
-                results.append(StageResult(name=stage.name, action=stage.action,
-                                           profile=stage.profile, gateways=shown,
-                                           skipped="not run: " + stopped))
-                continue
-            cmd = self.run_command(
-                members, action="restore", op=stage.action, actor=principal.user,
-                reason=reason, ticket=ticket,
-                args={"profile": stage.profile} if stage.profile else {}, emit=emit,
-                detail={"plan": plan.name, "plan_id": plan_id, "stage": stage.name})
-            for g in members:
-                last_ids[g.name] = cmd.command_id
-            results.append(StageResult(name=stage.name, action=stage.action,
-                                       profile=stage.profile, gateways=shown, command=cmd))
-            if not cmd.ok:
-                bad = [r.gateway for r in cmd.results if not r.ok]
-                stopped = f"stage {stage.name!r} did not apply and verify on {', '.join(bad)}"
-        ok = stopped is None
-        duration = time.perf_counter() - t0
-        self.record(AuditEvent(
-            actor=principal.user, action="restore.plan", outcome="ok" if ok else "stopped",
-            reason=reason, ticket=ticket, targets=tuple(names), command_id=plan_id,
-            detail={"plan": plan.name, "stopped": stopped, "duration_seconds": round(duration, 3),
-                    "stages": [{"name": s.name, "command_id": s.command.command_id
-                                if s.command else None, "skipped": s.skipped,
-                                "ok": s.command.ok if s.command else None} for s in results]}))
-        return PlanResult(plan_id=plan_id, plan=plan.name, actor=principal.user, reason=reason,
-                          ticket=ticket, targets=names, stages=results, ok=ok, stopped=stopped,
-                          duration_seconds=duration)
-
-    def _superseded(self, members: Sequence[Gateway], last_ids: dict[str, str]) -> str | None:
-        """A plan stops if anyone else commanded one of its gateways since its last stage."""
-        for g in members:
-            mine = last_ids.get(g.name)
-            if mine is None:
-                continue
-            current = self.states.get(g.name).last_command_id
-            if current != mine:
-                return f"{g.name} received another command ({current}) while the plan ran"
-        return None
 
     # -- polling and retries (controller/polling.py) ----------------------------------------
 

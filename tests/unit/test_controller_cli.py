@@ -141,7 +141,7 @@ def test_plan_from_file(served, tmp_path: Path) -> None:  # type: ignore[no-unty
     code, out = run(url, tokens["admin"], "restore", "--all", "--plan", str(plan),
                     "--reason", "step by step")
     assert code == 0, out
-    assert "completed" in out
+    assert "stage all: done" in out and ": done" in out
     assert all(a.state == "open" for a in fleet.agents.values())
     plan.write_text('[[stages]]\nname = "x"\n')
     code, out = run(url, tokens["admin"], "restore", "--all", "--plan", str(plan),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from controller.auth import Principal, Role
 from controller.config import ControllerConfig, SshSettings
 from controller.errors import AgentError, HostKeyMismatch, HostKeyUnknown, TransportError
+from controller.plan_service import PlanStatus
 from controller.service import Controller
 from controller.transport.ssh import SshTarget
 
@@ -291,3 +293,24 @@ def write_key(tmp: Path) -> Path:
         path.chmod(0o600)
         paramiko.PKey.from_path(str(path))
     return path
+
+
+def settle(ctl: Controller, plan_id: str, *, timeout: float = 20.0,
+           until: Callable[[PlanStatus], bool] | None = None) -> PlanStatus:
+    """Drive the plan on the test's thread (after any tick a control action kicked off)
+    until `until` holds; by default until it is finished, paused, or a stage awaits
+    approval. Returns its state then (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ctl.plans.driver.wait()
+        ctl.plans.driver.tick()
+        status = ctl.plans.get(plan_id)
+        if until is not None:
+            if until(status):
+                return status
+        elif status.state in ("done", "failed", "aborted", "paused") or any(
+                s.state == "awaiting approval" for s in status.stages):
+            return status
+        if time.monotonic() > deadline:
+            return status
+        time.sleep(0.02)
