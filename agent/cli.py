@@ -15,6 +15,7 @@ import getpass
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -26,11 +27,12 @@ from agent.config import AgentConfig, load_config
 from agent.errors import DrawbridgeError
 from agent.localsock import LocalClient
 from agent.requests import parse_duration
-from agent.rpc import Dispatcher, encode, read_lines
+from agent.rpc import Dispatcher
+from agent.wire import DEFAULT_CONFIG, SOCKET_FILE
 
-DEFAULT_CONFIG = Path("/etc/drawbridge/agent.toml")
 EXIT_BY_CODE = {"bad_request": 2, "bad_json": 2, "too_large": 2, "config_error": 2,
-                "unsupported_version": 2, "nft_error": 3, "state_error": 4, "busy": 5}
+                "unsupported_version": 2, "conflict": 2, "nft_error": 3, "state_error": 4,
+                "busy": 5}
 EXIT_UNVERIFIED = 6
 
 app = typer.Typer(
@@ -42,8 +44,11 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 class Ctx:
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, request_id: str | None = None,
+                 timeout: float = 120.0) -> None:
         self.config_path = config_path
+        self.request_id = request_id
+        self.timeout = timeout
         self._config: AgentConfig | None = None
 
     @property
@@ -56,26 +61,35 @@ class Ctx:
         return self._config
 
     def dispatcher(self) -> Dispatcher:
-        from agent.engine import Engine
-        from agent.probes_bridge import ProbeService, probe_handler, verifier_for
+        from agent.local import direct_dispatcher
 
-        config = self.config
-        probes = ProbeService(config.probes)
-        engine = Engine(config, verifier=verifier_for(config, probes))
-        return Dispatcher(engine, probe=probe_handler(config, probes))
+        try:
+            return direct_dispatcher(self.config_path)
+        except DrawbridgeError as exc:
+            fail(str(exc), exc.exit_code)
 
     def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        """Through the daemon if it runs, else directly (break-glass)."""
-        request = {"v": 1, "id": "cli", "op": op, "args": args}
-        client = LocalClient.connect(self.config.state_dir / "agent.sock")
-        if client is not None:
-            try:
-                return client.call(request)
-            except (ConnectionError, OSError):
-                pass  # daemon went away mid-call: fall through to the direct path
-            finally:
-                client.close()
-        return self.dispatcher().handle_line(json.dumps(request).encode("utf-8"))
+        """Through the daemon if it runs, else directly (break-glass). Each call is a
+        request of its own (a fresh id, unless --request-id names one to repeat). Only
+        a daemon that is provably not running (no socket, connection refused) sends the
+        request down the direct path: a daemon that stops answering may have applied
+        it, and the same request must never be applied twice."""
+        request_id = self.request_id or f"cli-{uuid.uuid4().hex[:16]}"
+        request = {"v": 1, "id": request_id, "op": op, "args": args}
+        try:
+            client = LocalClient.connect(self.config.state_dir / SOCKET_FILE, self.timeout)
+        except OSError as exc:
+            fail(f"cannot reach the agent daemon's socket: {exc.strerror or exc}", 1)
+        if client is None:
+            return self.dispatcher().handle_line(json.dumps(request).encode("utf-8"))
+        try:
+            return client.call(request)
+        except (ConnectionError, OSError) as exc:
+            fail(f"the agent daemon did not answer ({exc}); the request may have been "
+                 f"applied. See `drawbridge-agent journal`, or repeat it safely with "
+                 f"--request-id {request_id}", 1)
+        finally:
+            client.close()
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -130,8 +144,14 @@ def main_options(
     config: Annotated[Path, typer.Option(
         "--config", "-c", envvar="DRAWBRIDGE_AGENT_CONFIG",
         help="Agent config (TOML).")] = DEFAULT_CONFIG,
+    request_id: Annotated[str | None, typer.Option(
+        "--request-id", help="Name this request (letters, digits, . _ : -): repeating a "
+        "change with the same id applies it once and answers as the first time. Default: "
+        "a fresh id per call.")] = None,
+    timeout: Annotated[float, typer.Option(
+        help="Seconds to wait for the agent daemon's answer.", min=0.1)] = 120.0,
 ) -> None:
-    ctx.obj = Ctx(config)
+    ctx.obj = Ctx(config, request_id, timeout)
 
 
 @app.command()
@@ -358,7 +378,11 @@ def journal(
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
     """Recent changes recorded on this gateway (append-only local journal)."""
-    entries = result_or_exit(ctx.obj.call("journal", {"limit": limit}))["entries"]
+    answer = result_or_exit(ctx.obj.call("journal", {"limit": limit}))
+    entries = answer["entries"]
+    if answer.get("skipped_lines"):
+        err.print(f"note: {answer['skipped_lines']} unreadable journal line(s) skipped "
+                  "(a line torn by a crash)", highlight=False)
     if as_json:
         out.print_json(data=entries)
         return
@@ -371,23 +395,12 @@ def journal(
 
 @app.command()
 def rpc(ctx: typer.Context) -> None:
-    """SSH forced command: JSON requests on stdin, one JSON response line each."""
+    """SSH forced command: JSON requests on stdin, one JSON response line each (relayed to
+    the daemon; answered directly only when no daemon runs)."""
+    from agent.relay import relay
+
     c: Ctx = ctx.obj
-    client = LocalClient.connect(c.config.state_dir / "agent.sock")
-    local = None if client is not None else c.dispatcher()
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    for line in read_lines(stdin):
-        if client is not None:
-            try:
-                stdout.write(client.call_raw(line))
-                stdout.flush()
-                continue
-            except (ConnectionError, OSError):
-                client = None  # daemon stopped: answer directly from now on
-                local = c.dispatcher()
-        assert local is not None
-        stdout.write(encode(local.handle_line(line)))
-        stdout.flush()
+    raise typer.Exit(relay(c.config_path, sys.stdin.buffer, sys.stdout.buffer))
 
 
 def main() -> None:

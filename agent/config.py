@@ -25,6 +25,8 @@ from pydantic import (
 )
 
 from agent.errors import ConfigError
+from agent.text import FreeText
+from agent.wire import DEFAULT_STATE_DIR
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Proto = Literal["tcp", "udp", "icmp"]
@@ -174,7 +176,7 @@ class InfraFlow(_Model):
     interface: IfName | None = None
     local_ports: tuple[PortRange, ...] = ()
     remote_ports: tuple[PortRange, ...] = ()
-    description: str = Field(default="", max_length=500)
+    description: FreeText = ""
 
     @model_validator(mode="after")
     def _check(self) -> InfraFlow:
@@ -203,7 +205,7 @@ class Profile(_Model):
 
     base: Literal["internet", "full"] = "internet"
     allow: tuple[FlowRule, ...] = ()
-    description: str = Field(default="", max_length=500)
+    description: FreeText = ""
 
 
 class MetricsConfig(_Model):
@@ -334,11 +336,14 @@ class AgentConfig(_Model):
     internal_networks: tuple[Network, ...] = Field(min_length=1)
     # where the internal networks live: their addresses are believed there and only there
     internal_interfaces: tuple[IfName, ...] = Field(min_length=1)
-    state_dir: Path = Path("/var/lib/drawbridge")
+    state_dir: Path = DEFAULT_STATE_DIR
     reconcile_interval: float = Field(default=5.0, gt=0, le=3600)
     # between full checks, drift checks compare structure only (chains, rules, sets)
     full_check_interval: float = Field(default=60.0, ge=0, le=86400)
     probe_interval: float = Field(default=15.0, gt=0, le=86400)  # seconds between sweeps
+    # management `host =` entries: looked up on this schedule, outside the lock
+    resolve_interval: float = Field(default=60.0, gt=0, le=86400)
+    resolve_timeout: float = Field(default=2.0, gt=0, le=30)
     metrics: MetricsConfig = MetricsConfig()
     management: tuple[ManagementEntry, ...] = ()
     infrastructure: tuple[InfraFlow, ...] = ()

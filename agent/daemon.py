@@ -46,6 +46,7 @@ class Daemon:
             probes=self.probes.latest, last_sweep=lambda: self.probes.last_sweep_at,
             drift_repairs=lambda: self.engine.stats.drift_repairs,
             bypass_paths=lambda: len(self.engine.stats.bypass),
+            unresolved=lambda: len(self.engine.hosts.failures()),
             apply=self.apply_durations, health=self.health,
             probe_order=[p.name for p in config.probes],
         )
@@ -127,8 +128,15 @@ class Daemon:
         self.metrics = server
         log.info("metrics on %s", self.config.metrics.listen, extra={"event": "metrics_started"})
 
+    def resolve_hosts(self) -> None:
+        self.engine.hosts.refresh()
+        for host, why in self.engine.hosts.failures().items():
+            log.warning("management host %s: %s", host, why,
+                        extra={"event": "resolve_failed", "host": host})
+
     def start(self) -> None:
         self.engine.store.ensure_dir()
+        self.resolve_hosts()  # at most resolve_timeout; the cached answers hold meanwhile
         try:
             self.engine.warm_up()
         except DrawbridgeError as exc:
@@ -142,6 +150,11 @@ class Daemon:
             seconds=self.config.reconcile_interval,
             misfire_grace_time=max(1, int(self.config.reconcile_interval)),
         )
+        if self.engine.hosts.hosts:
+            self.scheduler.add_job(
+                self.resolve_hosts, "interval", id="resolve",
+                seconds=self.config.resolve_interval,
+                misfire_grace_time=max(1, int(self.config.resolve_interval)))
         self.scheduler.add_job(
             self.probe_sweep, "interval", id="probes", seconds=self.config.probe_interval,
             misfire_grace_time=max(1, int(self.config.probe_interval)),

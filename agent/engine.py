@@ -12,9 +12,7 @@ it or none of it, and the reconcile loop converges on the desired state.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
-import socket
 import tempfile
 import time
 import uuid
@@ -22,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent import exceptions
-from agent.config import AgentConfig, FlowRule, IPNetwork
+from agent.config import AgentConfig, FlowRule
 from agent.errors import DrawbridgeError, InputError, NftError
 from agent.nft.facts import EXPIRY_SLACK_SECONDS, Facts, canonical, compare, flow_key
 from agent.nft.offload import bypasses, cut_offloaded
@@ -36,6 +34,7 @@ from agent.nft.render import (
 )
 from agent.nft.runner import Nft
 from agent.policy import CompiledProfile, Policy, build_policy, compile_profile
+from agent.replay import RequestRef, error_answer, ok_answer, replay
 from agent.requests import (
     AllowRequest,
     ExtendRequest,
@@ -43,6 +42,7 @@ from agent.requests import (
     RestoreRequest,
     RevokeRequest,
 )
+from agent.resolve import ManagementHosts
 from agent.results import (
     ChangeResult,
     EngineStats,
@@ -62,17 +62,10 @@ STATUS_FULL_READ_LIMIT = 10_000
 ChangeRequest = IsolateRequest | RestoreRequest | AllowRequest | ExtendRequest | RevokeRequest
 
 
-def _who(req: ChangeRequest) -> dict[str, Any]:
-    return {"actor": req.actor, "reason": req.reason, "ticket": req.ticket}
-
-
-def resolve_host(host: str) -> tuple[IPNetwork, ...]:
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
-        raise InputError(f"management host {host!r} does not resolve: {exc.strerror}") from None
-    addrs = sorted({str(info[4][0]).split("%")[0] for info in infos})
-    return tuple(ipaddress.ip_network(a) for a in addrs)
+def _who(req: ChangeRequest, ref: RequestRef | None) -> dict[str, Any]:
+    """The journal's record of who asked, and which request it was (replay.py)."""
+    return {"actor": req.actor, "reason": req.reason, "ticket": req.ticket,
+            **(ref.journal_fields() if ref else {})}
 
 
 class Engine:
@@ -83,7 +76,7 @@ class Engine:
         nft: Nft | None = None,
         verifier: Verifier = readback_only,
         clock: Callable[[], float] = time.time,
-        resolver: Callable[[str], tuple[IPNetwork, ...]] = resolve_host,
+        hosts: ManagementHosts | None = None,
         on_apply: Callable[[float], None] | None = None,
         references: Callable[[str], Facts] | None = None,
     ) -> None:
@@ -92,29 +85,17 @@ class Engine:
         self.store = StateStore(config.state_dir)
         self.verifier = verifier
         self.clock = clock
-        self.resolver = resolver
+        self.hosts = hosts or ManagementHosts(
+            [m.host for m in config.management if m.host], state_dir=config.state_dir,
+            timeout=config.resolve_timeout)
         self.on_apply = on_apply
         self.stats = EngineStats()
-        self._resolved: dict[str, tuple[IPNetwork, ...]] = {}
         self._compiled: dict[str, CompiledProfile] = {}
         self._element_text = TextMemo()
         self._references = references or References()
         self._last_full_check = float("-inf")
 
     # -- policy --------------------------------------------------------------------------
-
-    def _resolve_management(self) -> dict[str, tuple[IPNetwork, ...]]:
-        """Resolve management hostnames before any rule is built; keep the last good answer
-        so a DNS outage during isolation cannot lock the controller out."""
-        for entry in self.config.management:
-            if entry.host is None:
-                continue
-            try:
-                self._resolved[entry.host] = self.resolver(entry.host)
-            except InputError:
-                if entry.host not in self._resolved:
-                    raise
-        return dict(self._resolved)
 
     def policy_for(self, state: DesiredState) -> Policy | None:
         if state.profile is None:
@@ -124,7 +105,7 @@ class Engine:
         return build_policy(
             self.config, state.profile,
             exceptions=[e.spec() for e in state.exceptions],
-            resolved_hosts=self._resolve_management(), now=self.clock(),
+            resolved_hosts=self.hosts.answers(), now=self.clock(),
             compiled=self._compiled[state.profile],
         )
 
@@ -204,7 +185,7 @@ class Engine:
             self.on_apply(elapsed)
 
     def _change(self, action: str, new: DesiredState, old: DesiredState,
-                who: dict[str, Any]) -> ChangeResult:
+                who: dict[str, Any], note: str = "") -> ChangeResult:
         """Apply `new` (replacing `old`); `who` is the journal's actor, reason, ticket, ..."""
         phases = Phases()
         policy = self.policy_for(new)  # may raise before anything is touched
@@ -217,32 +198,40 @@ class Engine:
         try:
             problems = self._converge(policy, phases)
         except DrawbridgeError as exc:
-            self.store.save(old)
-            self.store.journal(action=action, profile=new.profile, result="failed",
-                               error=str(exc), **who)
+            self._failed(action, new, old, who, exc)
             raise
         return self._finish(action, new, problems, phases, who,
-                            self._cut_bypass(new.isolated))
+                            self._cut_bypass(new.isolated), note)
+
+    def _failed(self, action: str, new: DesiredState, old: DesiredState, who: dict[str, Any],
+                exc: DrawbridgeError) -> None:
+        """nft refused: the disk goes back to what the kernel still holds; the journal
+        keeps the refusal (and the answer, for a retry of the same request)."""
+        self.store.save(old)
+        self.store.journal(action=action, profile=new.profile, result="failed",
+                           error=str(exc), **who, answer=error_answer(exc))
 
     def _finish(self, action: str, new: DesiredState, problems: list[str], phases: Phases,
-                who: dict[str, Any], bypass: tuple[str, ...]) -> ChangeResult:
+                who: dict[str, Any], bypass: tuple[str, ...], note: str = "") -> ChangeResult:
         """After the kernel changed: verify, record, answer."""
         verification = self._verify(new, not problems, bypass)
         phases.mark("verify")
         self.store.save(new.model_copy(update={"verification": verification}))
-        self.store.journal(
-            action=action, profile=new.profile, result="applied", in_sync=not problems,
-            verification=verification.status,
-            failing=list(verification.failing), apply_seconds=round(phases.times["apply"], 6),
-            generation=new.generation, **who,
-        )
-        return ChangeResult(
+        result = ChangeResult(
             action=action, gateway=self.config.gateway,
             state="isolated" if new.isolated else "open", profile=new.profile, changed=True,
             in_sync=not problems, problems=tuple(problems), verification=verification,
             apply_seconds=phases.times["apply"], generation=new.generation,
-            timings=phases.rounded(), bypass=bypass,
+            timings=phases.rounded(), bypass=bypass, note=note,
+            request_id=who.get("request_id"),
         )
+        self.store.journal(
+            action=action, profile=new.profile, result="applied", in_sync=not problems,
+            verification=verification.status,
+            failing=list(verification.failing), apply_seconds=round(phases.times["apply"], 6),
+            generation=new.generation, **who, answer=ok_answer(result.model_dump(mode="json")),
+        )
+        return result
 
     def _change_elements(self, action: str, new: DesiredState, old: DesiredState,
                          who: dict[str, Any], apply: Callable[[], None]) -> ChangeResult:
@@ -259,9 +248,7 @@ class Engine:
         try:
             apply()
         except DrawbridgeError as exc:
-            self.store.save(old)
-            self.store.journal(action=action, profile=new.profile, result="failed",
-                               error=str(exc), **who)
+            self._failed(action, new, old, who, exc)
             raise
         self._timed_apply(phases)
         problems = self._compare_exception_sets(policy)
@@ -284,14 +271,19 @@ class Engine:
 
     # -- verbs ---------------------------------------------------------------------------
 
-    def isolate(self, req: IsolateRequest) -> ChangeResult:
+    def isolate(self, req: IsolateRequest, ref: RequestRef | None = None) -> ChangeResult:
         try:  # unknown profile: bad input, refused before the lock
             self.config.profile(req.profile)
         except DrawbridgeError as exc:
             raise InputError(str(exc)) from None
         with self.store.locked():
+            if (first := replay(self.store.journal_log, ref)) is not None:
+                return ChangeResult.model_validate(first)
             old = self.store.load()
             now = self.clock()
+            if old.profile == req.profile and (noop := self._unchanged("isolate", old, req,
+                                                                         ref)):
+                return noop
             # Exceptions live only while isolated: moving between profiles keeps them (the
             # answer lists them); an open gateway has none to carry (an older agent could
             # record some while open: they are dropped, and the answer says so).
@@ -303,27 +295,57 @@ class Engine:
                 actor=req.actor, reason=req.reason,
                 exceptions=carried, generation=old.generation + 1,
             )
-            result = self._change("isolate", new, old, _who(req))
             notes = []
             if carried:
                 notes.append(f"{len(carried)} live exception(s) stay in force: "
                              + ", ".join(e.id for e in carried))
             if dropped:
                 notes.append(f"{dropped} exception(s) recorded while open were discarded")
-            return result.model_copy(update={"note": "; ".join(notes)}) if notes else result
+            return self._change("isolate", new, old, _who(req, ref), "; ".join(notes))
 
-    def restore(self, req: RestoreRequest) -> ChangeResult:
+    def restore(self, req: RestoreRequest, ref: RequestRef | None = None) -> ChangeResult:
         with self.store.locked():
+            if (first := replay(self.store.journal_log, ref)) is not None:
+                return ChangeResult.model_validate(first)
             old = self.store.load()
+            if not old.isolated and (noop := self._unchanged("restore", old, req, ref)):
+                return noop
             new = DesiredState(profile=None, since=self.clock(), actor=req.actor,
                                reason=req.reason, generation=old.generation + 1)
-            return self._change("restore", new, old, _who(req))
+            return self._change("restore", new, old, _who(req, ref))
 
-    def allow(self, req: AllowRequest) -> ChangeResult:
+    def _unchanged(self, action: str, state: DesiredState, req: IsolateRequest | RestoreRequest,
+                   ref: RequestRef | None) -> ChangeResult | None:
+        """The answer to a request that would change nothing (the profile or the open
+        state already in force, and the kernel holding it): no apply, no counter reset,
+        no new generation; journaled as a request all the same. None if the kernel
+        differs: then the request is applied (and repairs it)."""
+        policy = self.policy_for(state)
+        if self._compare(policy, elements=False):
+            return None
+        if policy is not None and self._compare_exception_sets(policy):
+            return None
+        who = _who(req, ref)
+        what = f"isolated with profile {state.profile}" if state.isolated else "open"
+        result = ChangeResult(
+            action=action, gateway=self.config.gateway,
+            state="isolated" if state.isolated else "open", profile=state.profile,
+            changed=False, in_sync=True, verification=state.verification, apply_seconds=0.0,
+            generation=state.generation, request_id=who.get("request_id"),
+            note=f"already {what}; nothing changed",
+        )
+        self.store.journal(action=action, profile=state.profile, result="noop",
+                           generation=state.generation, **who,
+                           answer=ok_answer(result.model_dump(mode="json")))
+        return result
+
+    def allow(self, req: AllowRequest, ref: RequestRef | None = None) -> ChangeResult:
         flow = FlowRule(cidr=req.cidr, proto=req.proto, ports=req.ports,
                         direction=req.direction)
         exceptions.check_allowed(self.config, flow, req.duration_seconds)
         with self.store.locked():
+            if (first := replay(self.store.journal_log, ref)) is not None:
+                return ChangeResult.model_validate(first)
             old = self.store.load()
             exceptions.check_isolated(old, "except")
             now = self.clock()
@@ -336,13 +358,15 @@ class Engine:
             )
             new = old.model_copy(update={"exceptions": (*live, entry),
                                          "generation": old.generation + 1})
-            who = {**_who(req), "exception": entry.model_dump(mode="json")}
+            who = {**_who(req, ref), "exception": entry.model_dump(mode="json")}
             changes = exceptions.element_changes(entry, now)
             return self._change_elements("allow", new, old, who, lambda: self.nft.apply_text(
                 render_element_change(add=changes)))
 
-    def extend(self, req: ExtendRequest) -> ChangeResult:
+    def extend(self, req: ExtendRequest, ref: RequestRef | None = None) -> ChangeResult:
         with self.store.locked():
+            if (first := replay(self.store.journal_log, ref)) is not None:
+                return ChangeResult.model_validate(first)
             old = self.store.load()
             exceptions.check_isolated(old, "extend")
             now = self.clock()
@@ -354,14 +378,16 @@ class Engine:
                                     for e in old.live_exceptions(now)),
                 "generation": old.generation + 1,
             })
-            who = {**_who(req), "exception": longer.model_dump(mode="json")}
+            who = {**_who(req, ref), "exception": longer.model_dump(mode="json")}
             before = exceptions.element_changes(entry, now)
             after = exceptions.element_changes(longer, now)
             return self._change_elements("extend", new, old, who,
                                          lambda: self._extend_elements(before, after))
 
-    def revoke(self, req: RevokeRequest) -> ChangeResult:
+    def revoke(self, req: RevokeRequest, ref: RequestRef | None = None) -> ChangeResult:
         with self.store.locked():
+            if (first := replay(self.store.journal_log, ref)) is not None:
+                return ChangeResult.model_validate(first)
             old = self.store.load()
             exceptions.check_isolated(old, "revoke")
             now = self.clock()
@@ -370,7 +396,7 @@ class Engine:
                 "exceptions": tuple(e for e in old.live_exceptions(now) if e.id != req.id),
                 "generation": old.generation + 1,
             })
-            who = {**_who(req), "exception": entry.model_dump(mode="json")}
+            who = {**_who(req, ref), "exception": entry.model_dump(mode="json")}
             gone = exceptions.element_changes(entry, now)
 
             def apply() -> None:
@@ -464,4 +490,6 @@ class Engine:
             in_sync=not problems, problems=tuple(problems), verification=state.verification,
             exceptions=state.live_exceptions(self.clock()), generation=state.generation,
             drift_repairs=self.stats.drift_repairs, bypass=self._bypasses(),
+            unresolved=tuple(f"management host {h}: {e}"
+                             for h, e in sorted(self.hosts.failures().items())),
         )

@@ -37,3 +37,20 @@ class StateError(DrawbridgeError):
 class BusyError(DrawbridgeError):
     code = "busy"
     exit_code = 5
+
+
+class ConflictError(DrawbridgeError):
+    """A request id used again for a different request."""
+
+    code = "conflict"
+    exit_code = 2
+
+
+def error_for_code(code: str, message: str) -> DrawbridgeError:
+    """An error of the class that carries `code` (a stored answer, replayed)."""
+    for cls in (ConfigError, InputError, NftError, StateError, BusyError, ConflictError):
+        if cls.code == code:
+            return cls(message)
+    err = DrawbridgeError(message)
+    err.code = code
+    return err

@@ -11,7 +11,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from agent.rpc import Dispatcher, encode, read_lines
+from agent.rpc import Dispatcher
+from agent.wire import encode, read_lines
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -65,13 +66,18 @@ class LocalClient:
 
     @classmethod
     def connect(cls, path: Path, timeout: float = 300.0) -> LocalClient | None:
+        """None only when no daemon runs (no socket, or nobody accepts on it); any
+        other failure is raised: it does not prove the daemon is gone."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
             sock.connect(str(path))
-        except OSError:
+        except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
             return None
+        except OSError:
+            sock.close()
+            raise
         return cls(sock)
 
     def call_raw(self, line: bytes) -> bytes:

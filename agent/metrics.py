@@ -102,6 +102,7 @@ class Snapshot:
     in_sync: bool | None = None
     reconcile_ok: bool = True
     bypass_paths: int = 0
+    unresolved: int = 0
     now: float = field(default_factory=time.time)
 
 
@@ -219,6 +220,9 @@ def build_metrics(s: Snapshot) -> list[Metric]:
     out.append(_gauge("drawbridge_bypass_paths", "Paths around the isolation table's forward "
                       "chain (flowtables, fwd/dup in other tables) at the last check.",
                       float(s.bypass_paths)))
+    out.append(_gauge("drawbridge_management_hosts_unresolved", "Management hostnames whose "
+                      "last lookup failed (their last good answer, if any, still holds).",
+                      float(s.unresolved)))
     apply = HistogramMetricFamily(
         "drawbridge_apply_duration_seconds",
         "Time to apply one nftables transaction (isolate, restore, exception, repair).")
@@ -241,6 +245,7 @@ class AgentCollector(Collector):
         last_sweep: Callable[[], float | None] = lambda: None,
         drift_repairs: Callable[[], int] = lambda: 0,
         bypass_paths: Callable[[], int] = lambda: 0,
+        unresolved: Callable[[], int] = lambda: 0,
         apply: DurationHistogram | None = None,
         health: Health | None = None,
         probe_order: Sequence[str] = (),
@@ -253,6 +258,7 @@ class AgentCollector(Collector):
         self.last_sweep = last_sweep
         self.drift_repairs = drift_repairs
         self.bypass_paths = bypass_paths
+        self.unresolved = unresolved
         self.apply = apply or DurationHistogram()
         self.health = health or Health()
         self.probe_order = tuple(probe_order)
@@ -280,7 +286,7 @@ class AgentCollector(Collector):
             probes=[latest[n] for n in order], last_sweep_at=self.last_sweep(),
             drift_repairs=self.drift_repairs(), apply_buckets=buckets, apply_sum=total,
             in_sync=self.health.in_sync, reconcile_ok=self.health.reconcile_ok,
-            bypass_paths=self.bypass_paths(), now=self.clock(),
+            bypass_paths=self.bypass_paths(), unresolved=self.unresolved(), now=self.clock(),
         )
 
     def collect(self) -> Iterator[Metric]:

@@ -135,9 +135,9 @@ def management_elements(
         nets: tuple[IPNetwork, ...]
         if entry.cidr is not None:
             nets = (entry.cidr,)
-        else:
+        else:  # a host that never resolved is left out (and reported by the engine)
             assert entry.host is not None
-            nets = resolved[entry.host]
+            nets = resolved.get(entry.host, ())
         out.extend(_flow_elements(nets, entry.proto, entry.ports))
     return _merge(out)
 

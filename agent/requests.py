@@ -13,20 +13,11 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from agent.config import Direction, Name, Network, PortRange, Proto, check_ports_fit_proto
+from agent.text import Reason
 
-MAX_REASON = 500
 MAX_EXCEPTION_SECONDS = 30 * 24 * 3600
 ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,63}$")
 TICKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._#/:-]{0,63}$")
-
-
-def _reason(value: str) -> str:
-    text = value.strip()
-    if not text:
-        raise ValueError("a reason is required (say why, for the audit trail)")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
-        raise ValueError("the reason contains control characters (newlines, escapes)")
-    return text
 
 
 def _actor(value: str) -> str:
@@ -41,7 +32,6 @@ def _ticket(value: str | None) -> str | None:
     return value
 
 
-Reason = Annotated[str, Field(max_length=MAX_REASON), AfterValidator(_reason)]
 Actor = Annotated[str, AfterValidator(_actor)]
 Ticket = Annotated[str | None, AfterValidator(_ticket)]
 
@@ -115,7 +105,7 @@ class RenderRequest(BaseModel):
 
 
 Op = Literal["ping", "status", "isolate", "restore", "allow", "exceptions", "extend", "revoke",
-             "render", "probe", "journal"]
+             "render", "probe", "journal", "checkpoint"]
 
 
 def parse_duration(text: str) -> int:

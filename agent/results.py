@@ -62,6 +62,8 @@ class ChangeResult(BaseModel):
     note: str = ""
     timings: dict[str, float] = {}  # seconds per phase: policy, check, apply, readback, verify
     bypass: tuple[str, ...] = ()  # paths around our forward chain (offload.py)
+    request_id: str | None = None
+    replayed: bool = False  # the answer of an earlier identical request (replay.py)
 
 
 class Status(BaseModel):
@@ -80,6 +82,7 @@ class Status(BaseModel):
     generation: int
     drift_repairs: int
     bypass: tuple[str, ...] = ()
+    unresolved: tuple[str, ...] = ()  # management hostnames whose lookup fails (resolve.py)
 
 
 class Phases:

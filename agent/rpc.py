@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any, Literal, Protocol
+from collections.abc import Callable
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.config import format_validation_error
 from agent.engine import Engine
 from agent.errors import DrawbridgeError
+from agent.replay import RequestRef
 from agent.requests import (
     AllowRequest,
     ExtendRequest,
@@ -32,9 +33,8 @@ from agent.requests import (
     RestoreRequest,
     RevokeRequest,
 )
+from agent.wire import MAX_LINE_BYTES, PROTOCOL_VERSION, encode, read_lines
 
-PROTOCOL_VERSION = 1
-MAX_LINE_BYTES = 64 * 1024
 log = logging.getLogger("drawbridge.rpc")
 
 
@@ -42,15 +42,39 @@ class Envelope(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     v: Literal[1]
+    # the request id: a change request with an id seen before gets the first answer
     id: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9._:-]*$")
     op: Op
     args: dict[str, Any] = Field(default_factory=dict)
+    # the hash of the controller's audit record that ordered this request (journaled)
+    audit: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+    def ref(self) -> RequestRef | None:
+        return RequestRef.of(self.id, self.op, self.args, self.audit) if self.id else None
 
 
 class JournalRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     limit: int = Field(default=50, ge=1, le=10_000)
+    since: float | None = None  # Unix time: only entries after it
+
+
+class CheckpointRequest(BaseModel):
+    """The controller's signed audit checkpoint, kept where its database admin cannot
+    reach: appended to this gateway's journal, nothing else changes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seq: int = Field(ge=1)
+    head_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    time: float
+    signature: str = Field(max_length=200, pattern=r"^[A-Za-z0-9+/=_-]+$")
+    key_id: str = Field(max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+
+
+# what a journal answer leaves out: the stored answers (large, and for replays only)
+_PRIVATE_JOURNAL_FIELDS = ("answer", "request_digest")
 
 
 class NoArgs(BaseModel):
@@ -123,24 +147,41 @@ class Dispatcher:
                 elements = StatusRequest.model_validate(args).elements
                 return engine.status(elements=elements).model_dump(mode="json")
             case "isolate":
-                return engine.isolate(IsolateRequest.model_validate(args)).model_dump(mode="json")
+                return engine.isolate(IsolateRequest.model_validate(args),
+                                      env.ref()).model_dump(mode="json")
             case "restore":
-                return engine.restore(RestoreRequest.model_validate(args)).model_dump(mode="json")
+                return engine.restore(RestoreRequest.model_validate(args),
+                                      env.ref()).model_dump(mode="json")
             case "allow":
-                return engine.allow(AllowRequest.model_validate(args)).model_dump(mode="json")
+                return engine.allow(AllowRequest.model_validate(args),
+                                    env.ref()).model_dump(mode="json")
             case "exceptions":
                 NoArgs.model_validate(args)
                 return {"gateway": engine.config.gateway,
                         "exceptions": engine.list_exceptions()}
             case "extend":
-                return engine.extend(ExtendRequest.model_validate(args)).model_dump(mode="json")
+                return engine.extend(ExtendRequest.model_validate(args),
+                                     env.ref()).model_dump(mode="json")
             case "revoke":
-                return engine.revoke(RevokeRequest.model_validate(args)).model_dump(mode="json")
+                return engine.revoke(RevokeRequest.model_validate(args),
+                                     env.ref()).model_dump(mode="json")
             case "render":
                 return {"ruleset": engine.render(RenderRequest.model_validate(args).profile)}
             case "journal":
-                limit = JournalRequest.model_validate(args).limit
-                return {"entries": engine.store.read_journal(limit)}
+                req = JournalRequest.model_validate(args)
+                tail = engine.store.journal_log.tail(req.limit, since=req.since)
+                entries = [{k: v for k, v in e.items() if k not in _PRIVATE_JOURNAL_FIELDS}
+                           for e in tail.entries]
+                return {"gateway": engine.config.gateway, "entries": entries,
+                        "skipped_lines": tail.skipped}
+            case "checkpoint":
+                cp = CheckpointRequest.model_validate(args)
+                engine.store.journal(action="checkpoint", actor="controller",
+                                     reason="audit checkpoint", result="recorded", seq=cp.seq,
+                                     head_hash=cp.head_hash, checkpoint_time=cp.time,
+                                     signature=cp.signature, key_id=cp.key_id,
+                                     **({"request_id": env.id} if env.id else {}))
+                return {"gateway": engine.config.gateway, "recorded": True}
             case "probe":
                 NoArgs.model_validate(args)
                 if self.probe is None:
@@ -149,27 +190,4 @@ class Dispatcher:
         raise AssertionError(f"unhandled op {env.op}")  # pragma: no cover - Op is closed
 
 
-class LineReader(Protocol):
-    def readline(self, size: int = -1, /) -> bytes: ...
-
-
-def read_lines(stream: LineReader) -> Iterator[bytes]:
-    """Lines of at most MAX_LINE_BYTES (+1, so oversize is detectable); the rest of an
-    oversize line is skipped rather than buffered."""
-    while True:
-        line = stream.readline(MAX_LINE_BYTES + 1)
-        if not line:
-            return
-        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
-            while True:
-                rest = stream.readline(MAX_LINE_BYTES)
-                if not rest or rest.endswith(b"\n"):
-                    break
-            yield line  # handled as too large
-            continue
-        if line.strip():
-            yield line.rstrip(b"\r\n")
-
-
-def encode(response: dict[str, Any]) -> bytes:
-    return json.dumps(response, separators=(",", ":"), default=str).encode("utf-8") + b"\n"
+__all__ = ["MAX_LINE_BYTES", "PROTOCOL_VERSION", "Dispatcher", "encode", "read_lines"]

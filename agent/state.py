@@ -20,13 +20,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.config import FlowRule
 from agent.errors import BusyError, StateError
+from agent.journal import Journal
 from agent.policy import ExceptionSpec
+from agent.wire import SOCKET_FILE
 
 STATE_FILE = "state.json"
-JOURNAL_FILE = "journal.jsonl"
 LOCK_FILE = "agent.lock"
-SOCKET_FILE = "agent.sock"
 Verification = Literal["verified", "unverified", "unknown"]
+# state.json's format: 1 is the unversioned file of agents before 0.2 (read and migrated),
+# a newer one is refused with the table left as it is (it may mean more than we know)
+STATE_FORMAT = 2
 
 
 class ExceptionEntry(BaseModel):
@@ -58,6 +61,7 @@ class DesiredState(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    format: int = STATE_FORMAT
     profile: str | None = None
     since: float = Field(default_factory=time.time)
     actor: str = "system"
@@ -88,6 +92,7 @@ class StateStore:
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir
+        self.journal_log = Journal(state_dir)
 
     @property
     def state_path(self) -> Path:
@@ -95,7 +100,7 @@ class StateStore:
 
     @property
     def journal_path(self) -> Path:
-        return self.dir / JOURNAL_FILE
+        return self.journal_log.path
 
     @property
     def socket_path(self) -> Path:
@@ -115,7 +120,20 @@ class StateStore:
         except OSError as exc:
             raise StateError(f"cannot read {self.state_path}: {exc.strerror}") from None
         try:
-            return DesiredState.model_validate_json(raw)
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise StateError(f"{self.state_path} is corrupt: {exc}") from None
+        if not isinstance(data, dict):
+            raise StateError(f"{self.state_path} is corrupt: not a JSON object")
+        found = data.get("format", 1)
+        if not isinstance(found, int) or found > STATE_FORMAT:
+            raise StateError(
+                f"{self.state_path} has format {found!r}, written by a newer agent; this "
+                f"agent reads formats up to {STATE_FORMAT}. Upgrade the agent (the ruleset "
+                "in the kernel is left as it is)")
+        data["format"] = STATE_FORMAT  # format 1 differs only by lacking the field
+        try:
+            return DesiredState.model_validate(data)
         except ValidationError as exc:
             raise StateError(f"{self.state_path} is corrupt: {exc.errors()[0]['msg']}") from None
 
@@ -135,29 +153,14 @@ class StateStore:
                 tmp.unlink()
             raise StateError(f"cannot write {self.state_path}: {exc.strerror}") from None
 
-    def journal(self, **record: Any) -> None:
-        """Append one change record; fsync'd, so an acknowledged change is on disk."""
+    def journal(self, **record: Any) -> dict[str, Any]:
+        """Append one change record (see journal.py); fsync'd."""
         self.ensure_dir()
-        record = {"time": time.time(), **record}
-        line = json.dumps(record, sort_keys=True, default=str) + "\n"
-        try:
-            fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, line.encode("utf-8"))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise StateError(f"cannot append to {self.journal_path}: {exc.strerror}") from None
+        return self.journal_log.append(record)
 
-    def read_journal(self, limit: int | None = None) -> list[dict[str, Any]]:
-        try:
-            lines = self.journal_path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            return []
-        if limit is not None:
-            lines = lines[-limit:]
-        return [json.loads(ln) for ln in lines if ln.strip()]
+    def read_journal(self, limit: int | None = None, *,
+                     since: float | None = None) -> list[dict[str, Any]]:
+        return self.journal_log.tail(limit, since=since).entries
 
     @contextlib.contextmanager
     def locked(self, timeout: float = 60.0) -> Iterator[None]:

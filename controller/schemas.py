@@ -12,7 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.config import Direction, Name, Network, PortRange, Proto, check_ports_fit_proto
-from agent.requests import MAX_EXCEPTION_SECONDS, ExceptionId, Reason, Ticket
+from agent.requests import MAX_EXCEPTION_SECONDS, ExceptionId, Ticket
+from agent.text import FreeText, Reason
 from controller.audit import AuditRecord, VerifyReport
 from controller.fleet import GatewayResult
 from controller.inventory import Fingerprint, SshUser
@@ -116,7 +117,7 @@ class RevokeBody(Mutating):
 
 class ProbeBody(_Body):
     targets: Targets
-    reason: str = Field(default="", max_length=500)
+    reason: FreeText = ""
 
 
 class GatewayAddBody(Mutating):
@@ -136,7 +137,7 @@ class GatewayRemoveBody(Mutating):
 class TokenCreateBody(Mutating):
     user: str = Field(min_length=1, max_length=64)
     role: Literal["viewer", "operator", "admin"]
-    description: str = Field(default="", max_length=500)
+    description: FreeText = ""
 
 
 # -- responses -------------------------------------------------------------------------

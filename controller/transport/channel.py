@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +46,9 @@ class AgentChannel:
         self._buf = b""
         self._stderr = b""
         self._ids = itertools.count(1)
+        # the agent answers a request id it has seen with its first answer: ids must
+        # never repeat across channels, sessions or controller restarts
+        self._nonce = secrets.token_hex(6)
         self._lock = threading.Lock()
 
     @property
@@ -63,9 +67,9 @@ class AgentChannel:
         """Send one request, return its result; AgentError if the agent refused it.
         `request_id`: the envelope id (a mutating request's is the controller's command
         id, which the agent remembers: the same id again is answered, not applied);
-        otherwise a counter of this channel."""
-        req = RpcRequest(id=request_id or f"c{next(self._ids)}", op=op, args=args,
-                         audit=audit)
+        otherwise this channel's nonce and a counter (never repeated)."""
+        req = RpcRequest(id=request_id or f"c{self._nonce}-{next(self._ids)}", op=op,
+                         args=args, audit=audit)
         line = req.encode()
         if len(line) > MAX_REQUEST_BYTES:
             raise AgentError(f"{self.where}: request of {len(line)} bytes exceeds the "

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from drawbridge_lab import Lab
+from drawbridge_lab.agentconf import agent_toml
 from drawbridge_lab.topology import Gateway
 from tests.lab.agent_rig import EXPECT, STATE_INDEX, AgentRig, Flow, flow_matrix, wait_for
 
@@ -234,17 +235,11 @@ class ProbedAgent:
 
     def write_config(self, probes: list[dict[str, Any]], *, probe_interval: float = 1.0) -> None:
         lab, gw = self.lab, self.gw
-        nets = json.dumps(list(gw.internal_networks))
         out4, out6 = lab.outside_addr4, lab.outside_addr6
         lines = [
-            f'gateway = "{gw.name}"', f"internal_networks = {nets}",
-            f'state_dir = "{self.workdir / "state"}"', "reconcile_interval = 0.5",
-            f"probe_interval = {probe_interval}",
-            "[metrics]", f'listen = "[::]:{METRICS_PORT}"',
-            "[[management]]", f'cidr = "{lab.mgmt_subnet4}"', 'proto = "tcp"',
-            f"ports = [22, {METRICS_PORT}]",
-            "[[management]]", f'cidr = "{lab.mgmt_subnet6}"', 'proto = "tcp"',
-            f"ports = [22, {METRICS_PORT}]",
+            agent_toml(lab, gw, self.workdir / "state", reconcile_interval=0.5,
+                       mgmt_ports=(22, METRICS_PORT), metrics_listen=f"[::]:{METRICS_PORT}",
+                       probe_interval=probe_interval),
             "[profiles.leaky]",
             f'allow = [{{ cidr = "{out4}/32", proto = "tcp", ports = [443], direction = "out" }},'
             f' {{ cidr = "{out6}/128", proto = "tcp", ports = [443], direction = "out" }}]',

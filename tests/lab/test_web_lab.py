@@ -37,7 +37,9 @@ REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "drawbridge-dashboard.json"
 ISOLATE_REASON = "CSIRT: NetScaler <script>alert('isolate')</script>"
 ALLOW_REASON = '"><svg onload=alert(1)> chain partner'
-RESTORE_REASON = "all clear \u202eCSIRT"
+RESTORE_REASON = "all clear from the CSIRT & the 'NCSC' <b>"
+# bidi overrides are refused at the door (agent/text.py): tried in the drill, never stored
+BIDI_REASON = "all clear \u202eCSIRT"
 PLAN = """
 name = "reconnect after the NetScaler incident"
 [[stages]]
@@ -92,6 +94,8 @@ def drill(fleet: FleetRig, started: float) -> None:
     assert allow["results"][0]["outcome"] == "verified"
     plan = fleet.workdir / "plan.toml"
     plan.write_text(PLAN)
+    refused = fleet.cli("restore", "--all", "--reason", BIDI_REASON, role="admin")
+    assert refused.returncode == 2 and "bidi" in refused.stderr, refused.stderr
     result = command(fleet, "restore", "--all", "--plan", str(plan), "--reason", RESTORE_REASON)
     assert result["ok"], result
 
@@ -164,7 +168,7 @@ def test_page_in_a_real_browser(fleet: FleetRig, browser: Any, started: float,
     # hostile text stayed text: no script element, no handler, nothing ran
     assert page.locator("script").count() == 0
     assert page.locator("[onload]").count() == 0 and dialogs == []
-    assert "[U+202E]" in page.content() and "\u202e" not in page.content()
+    assert "\u202e" not in page.content()
     # a viewer sees no mutating control: one POST form, the logout
     posts = page.locator("form[method=post]")
     assert posts.count() == 1 and posts.get_attribute("action") == "/ui/logout"
@@ -305,7 +309,7 @@ def test_report_html_and_pdf_have_every_action(fleet: FleetRig, started: float,
         for where, text in (("html", html_text), ("pdf", pdf_text)):
             assert re.search(rf"#{r['seq']}\b", text), (where, r["seq"])
             assert reason in text, (where, r["seq"], reason)
-    assert "[U+202E]CSIRT" in html_text and "[U+202E]CSIRT" in pdf_text
+    assert "\u202e" not in html_text and "\u202e" not in pdf_text
     assert ISOLATE_REASON in html_text and ALLOW_REASON in pdf_text
     head = fleet.cli_json("history", "--limit", "1", role="viewer")[-1]
     assert head["hash"] in html_text  # (the head may have moved on since: poller events)

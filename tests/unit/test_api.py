@@ -97,7 +97,7 @@ def test_streaming_events(setup) -> None:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("body,fragment", [
     ({"targets": {"all": True}}, "reason"),
     ({"targets": {"all": True}, "reason": "   "}, "a reason is required"),
-    ({"targets": {"all": True}, "reason": "a\nb"}, "control characters"),
+    ({"targets": {"all": True}, "reason": "a\nb"}, "control or bidi"),
     ({"targets": {"all": True}, "reason": "x" * 501}, "500"),
     ({"targets": {"all": True}, "reason": "r", "ticket": "bad ticket!"}, "ticket"),
     ({"targets": {}, "reason": "r"}, "say which gateways"),

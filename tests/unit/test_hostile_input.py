@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from agent.nft.render import ALL_COUNTERS, render
 from agent.nft.rules import rules_for
 from agent.policy import build_policy
 from agent.requests import AllowRequest, IsolateRequest, RestoreRequest
+from agent.text import BIDI_CONTROLS
 from tests.unit.conftest import BASE, make_config
 
 METACHARS = ['"', "'", ";", "`", "$(", "|", "&", "\n", "\r", "{", "}", "\\", "#", "\x00", " "]
@@ -61,7 +63,7 @@ def test_hostile_profile_names_in_config_are_refused(meta: str, tail: str) -> No
 @given(hostile_text)
 def test_reasons_with_control_characters_are_refused(reason: str) -> None:
     bad = not reason.strip() or len(reason) > 500 or any(
-        ord(c) < 32 or ord(c) == 127 for c in reason.strip())
+        unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS for c in reason)
     try:
         RestoreRequest(reason=reason)
     except ValidationError:
@@ -120,3 +122,25 @@ def test_gateway_name_never_reaches_the_ruleset() -> None:
     script = render(build_policy(make_config(gateway="gw-zz-9"), "internet", now=0.0))
     assert "gw-zz-9" not in script
     assert BASE["gateway"] not in script
+
+
+@pytest.mark.parametrize("char", ["\u0085", "\u009b", "\u202e", "\u2066", "\u200f", "\x1b",
+                                  "\n", "\x7f", "\u061c"])
+def test_control_and_bidi_characters_are_refused_everywhere(char: str) -> None:
+    """C1 controls (U+0085 splits a CSV line, U+009B is an 8-bit terminal escape) and bidi
+    overrides (a log line that reads differently from what it says), on the agent and the
+    controller alike, in every free-text field."""
+    from controller.schemas import ProbeBody, TokenCreateBody
+
+    text = f"all clear{char}from the CSIRT"
+    with pytest.raises(ValidationError, match="control or bidi"):
+        IsolateRequest(reason=text)
+    with pytest.raises(ValidationError, match="control or bidi"):
+        RestoreRequest(reason=text)
+    with pytest.raises(ConfigError, match="control or bidi"):
+        make_config(profiles={"p": {"description": text}})
+    with pytest.raises(ValidationError, match="control or bidi"):
+        ProbeBody(targets={"all": True}, reason=text)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="control or bidi"):
+        TokenCreateBody(user="u", role="viewer", reason="x", description=text)
+    assert IsolateRequest(reason="naïve café — 東京 ✓").reason == "naïve café — 東京 ✓"

@@ -47,7 +47,7 @@ def call(d: Dispatcher, obj: Any) -> dict[str, Any]:
         (b'{"v": 1, "op": "allow", "args": {"cidr": "10.0.0.0/8", "proto": "tcp", '
          b'"duration_seconds": -5, "reason": "x"}}', "bad_request", "duration_seconds"),
         (b'{"v": 1, "op": "restore", "args": {"reason": "a\\nb"}}', "bad_request",
-         "control characters"),
+         "control or bidi"),
         (b'{"v": 1, "op": "status", "args": {"extra": 1}}', "bad_request", "extra"),
         (b'{"v": 1, "id": "' + b"x" * 100 + b'", "op": "status"}', "bad_request", "id"),
     ],
@@ -111,4 +111,59 @@ def test_status_terse_for_polls(rig: tuple[Dispatcher, RecordingNft, Path]) -> N
     assert call(d, {"v": 1, "id": "b", "op": "status"})["ok"]
     assert nft.calls[-2:] == ["read-terse", "read"]
     bad = call(d, {"v": 1, "id": "c", "op": "status", "args": {"elements": "maybe"}})
+    assert bad["error"]["code"] == "bad_request"
+
+
+def test_a_repeated_request_id_gets_the_first_answer_and_applies_once(
+        rig: tuple[Dispatcher, RecordingNft, Path]) -> None:
+    d, nft, _ = rig
+    audit = "ab" * 32
+    request = {"v": 1, "id": "cmd-42", "op": "isolate", "audit": audit,
+               "args": {"profile": "full", "reason": "CSIRT warning", "actor": "olga"}}
+    first = call(d, request)
+    applies = nft.calls.count("apply")
+    again = call(d, request)
+    assert nft.calls.count("apply") == applies, "the repeat applied again"
+    assert again["result"]["replayed"] is True and first["result"].get("replayed") is False
+    assert {k: v for k, v in again["result"].items() if k != "replayed"} == \
+        {k: v for k, v in first["result"].items() if k != "replayed"}
+    [entry] = [e for e in d.engine.store.read_journal() if e.get("request_id") == "cmd-42"]
+    assert entry["audit"] == audit and entry["action"] == "isolate"
+    # one id names one request
+    other = {**request, "args": {**request["args"], "profile": "internet"}}
+    conflict = call(d, other)
+    assert conflict["error"]["code"] == "conflict" and "different request" in \
+        conflict["error"]["message"]
+    assert d.engine.store.load().profile == "full"
+    # the journal op shows ids and audit hashes, not the stored answers
+    shown = call(d, {"v": 1, "id": "j", "op": "journal", "args": {"limit": 5}})["result"]
+    assert shown["entries"][-1]["request_id"] == "cmd-42"
+    assert "answer" not in shown["entries"][-1] and shown["skipped_lines"] == 0
+
+
+def test_a_failed_request_repeated_is_answered_with_the_same_error(tmp_path: Path) -> None:
+    from agent.errors import NftError
+
+    class FailingNft(RecordingNft):
+        def apply_file(self, path: str) -> None:
+            self.calls.append("apply")
+            raise NftError("Error: Could not process rule: No buffer space available")
+
+    nft = FailingNft()
+    d = Dispatcher(Engine(make_config(tmp_path), nft=nft, references=no_reference))  # type: ignore[arg-type]
+    line = b'{"v":1,"id":"c-9","op":"isolate","args":{"reason":"drill"}}'
+    assert d.handle_line(line)["error"]["code"] == "nft_error"
+    assert d.handle_line(line)["error"]["code"] == "nft_error"
+    assert nft.calls.count("apply") == 1
+
+
+def test_checkpoints_are_journaled(rig: tuple[Dispatcher, RecordingNft, Path]) -> None:
+    d, _, _ = rig
+    cp = {"seq": 17, "head_hash": "cd" * 32, "time": 1.5e9, "signature": "c2lnbmF0dXJl",
+          "key_id": "k1"}
+    assert call(d, {"v": 1, "id": "cp-1", "op": "checkpoint", "args": cp})["result"][
+        "recorded"] is True
+    entry = d.engine.store.read_journal()[-1]
+    assert (entry["action"], entry["seq"], entry["head_hash"]) == ("checkpoint", 17, "cd" * 32)
+    bad = call(d, {"v": 1, "op": "checkpoint", "args": {**cp, "head_hash": "x; rm -rf"}})
     assert bad["error"]["code"] == "bad_request"

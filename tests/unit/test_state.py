@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 from agent.errors import BusyError, StateError
-from agent.state import DesiredState, StateStore
+from agent.journal import Journal
+from agent.state import STATE_FORMAT, DesiredState, StateStore
 
 
 def test_missing_state_means_open(tmp_path: Path) -> None:
@@ -52,3 +54,55 @@ def test_lock_is_exclusive_across_processes(tmp_path: Path) -> None:
                 os._exit(0)
         _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+
+
+def test_a_torn_last_line_is_skipped_and_said_and_the_next_append_is_whole(
+        tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.append({"action": "isolate"})
+    with open(journal.path, "ab") as fh:  # a crash in the middle of a write
+        fh.write(b'{"action": "restore", "ti')
+    tail = journal.tail(10)
+    assert [e["action"] for e in tail.entries] == ["isolate"] and tail.skipped == 1
+    journal.append({"action": "allow"})
+    tail = journal.tail(10)
+    assert [e["action"] for e in tail.entries] == ["isolate", "allow"] and tail.skipped == 1
+
+
+def test_the_journal_rotates_with_a_bounded_history_and_reads_from_the_end(
+        tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_bytes=2000, keep=2)
+    for i in range(200):
+        journal.append({"action": "verify", "n": i, "pad": "x" * 50})
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["journal.jsonl", "journal.jsonl.1", "journal.jsonl.2"]
+    assert all(p.stat().st_size < 2200 for p in tmp_path.iterdir())
+    assert [e["n"] for e in journal.tail(3).entries] == [197, 198, 199]
+    everything = journal.tail().entries
+    assert everything[-1]["n"] == 199 and len(everything) < 200  # the oldest are gone
+    assert [e["n"] for e in everything] == sorted(e["n"] for e in everything)
+    cut = everything[-5]["time"]
+    assert [e["n"] for e in journal.tail(since=cut).entries] == [196, 197, 198, 199]
+
+
+def test_find_request_finds_the_latest_answer(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.append({"action": "isolate", "request_id": "c-1", "answer": {"ok": True}})
+    journal.append({"action": "restore", "request_id": "c-10", "answer": {"ok": True}})
+    found = journal.find_request("c-1")
+    assert found is not None and found["action"] == "isolate"
+    assert journal.find_request("c-2") is None
+
+
+def test_a_state_file_of_a_newer_agent_is_refused_and_an_old_one_migrated(
+        tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "s")
+    store.ensure_dir()
+    store.state_path.write_text('{"profile": "full", "generation": 4}')  # 0.1: no format
+    state = store.load()
+    assert (state.profile, state.generation, state.format) == ("full", 4, STATE_FORMAT)
+    newer = json.dumps({"format": STATE_FORMAT + 1, "profile": "full", "future": True})
+    store.state_path.write_text(newer)
+    with pytest.raises(StateError, match=r"newer agent.*Upgrade the agent"):
+        store.load()
+    assert store.state_path.read_text() == newer  # left as it is

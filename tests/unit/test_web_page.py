@@ -48,15 +48,22 @@ def login(client: TestClient, token: str) -> None:
     assert resp.status_code == 303 and resp.headers["location"] == "/ui/", resp.text
 
 
-def drill(client: TestClient, tokens: dict[str, str]) -> None:
+def drill(client: TestClient, tokens: dict[str, str], ctl: Controller) -> None:
     op = bearer(tokens["operator"])
     assert client.post("/v1/isolate", json={"targets": {"all": True}, "reason": HOSTILE[0],
                                             "ticket": "INC-1"}, headers=op).status_code == 200
     assert client.post("/v1/allow", json={
         "targets": {"gateways": ["gw0"]}, "reason": HOSTILE[1], "cidr": "203.0.113.0/24",
         "proto": "tcp", "ports": [443], "duration_seconds": 3600}, headers=op).status_code == 200
-    assert client.post("/v1/restore", json={"targets": {"all": True}, "reason": HOSTILE[2]},
+    # bidi overrides are refused at the door; a record from before that rule (written
+    # directly here) must still be shown harmlessly
+    refused = client.post("/v1/restore", json={"targets": {"all": True}, "reason": HOSTILE[2]},
+                          headers=bearer(tokens["admin"]))
+    assert refused.status_code == 422 and "bidi" in refused.text
+    assert client.post("/v1/restore", json={"targets": {"all": True}, "reason": "all clear"},
                        headers=bearer(tokens["admin"])).status_code == 200
+    ctl.record(AuditEvent(actor="admin-user", action="restore", outcome="ok", reason=HOSTILE[2],
+                          targets=("gw1",)))
 
 
 class Forms(HTMLParser):
@@ -160,7 +167,7 @@ def test_forms_without_the_csrf_token_are_refused(setup) -> None:  # type: ignor
 def test_page_shows_the_fleet_timeline_and_escapes_everything(setup) -> None:  # type: ignore[no-untyped-def]
     ctl, _fleet, tokens = setup
     with TestClient(create_app(ctl)) as client:
-        drill(client, tokens)
+        drill(client, tokens, ctl)
         login(client, tokens["viewer"])
         html = client.get("/ui/", params={"since": "1h"}).text
     rows = re.findall(r'<tr class="gateway" data-gateway="(gw\d)">', html)
@@ -184,7 +191,7 @@ def test_page_shows_the_fleet_timeline_and_escapes_everything(setup) -> None:  #
 def test_a_viewer_sees_no_mutating_control(setup) -> None:  # type: ignore[no-untyped-def]
     ctl, _fleet, tokens = setup
     with TestClient(create_app(ctl)) as client:
-        drill(client, tokens)
+        drill(client, tokens, ctl)
         login(client, tokens["viewer"])
         for path in ("/ui/", "/ui/audit/3"):
             parsed = Forms()
@@ -197,7 +204,7 @@ def test_a_viewer_sees_no_mutating_control(setup) -> None:  # type: ignore[no-un
 def test_audit_record_page(setup) -> None:  # type: ignore[no-untyped-def]
     ctl, _fleet, tokens = setup
     with TestClient(create_app(ctl)) as client:
-        drill(client, tokens)
+        drill(client, tokens, ctl)
         login(client, tokens["viewer"])
         allow = ctl.history(HistoryQuery(action="allow"))[-1]
         html = client.get(f"/ui/audit/{allow.seq}").text
@@ -211,7 +218,7 @@ def test_audit_record_page(setup) -> None:  # type: ignore[no-untyped-def]
 def test_report_from_the_page_and_the_api(setup) -> None:  # type: ignore[no-untyped-def]
     ctl, _fleet, tokens = setup
     with TestClient(create_app(ctl)) as client:
-        drill(client, tokens)
+        drill(client, tokens, ctl)
         api = client.get("/v1/report", params={"format": "json", "since": "1h"},
                          headers=bearer(tokens["viewer"]))
         assert api.status_code == 200 and "attachment" in api.headers["content-disposition"]
@@ -234,7 +241,7 @@ def test_report_from_the_page_and_the_api(setup) -> None:  # type: ignore[no-unt
 def test_annotations_for_grafana(setup) -> None:  # type: ignore[no-untyped-def]
     ctl, _fleet, tokens = setup
     with TestClient(create_app(ctl)) as client:
-        drill(client, tokens)
+        drill(client, tokens, ctl)
         ctl.record(AuditEvent(actor="x", action="probe", outcome="ok"))
         now_ms = int(ctl.clock() * 1000)
         resp = client.get("/v1/annotations", params={"from": str(now_ms - 3_600_000),
@@ -242,7 +249,7 @@ def test_annotations_for_grafana(setup) -> None:  # type: ignore[no-untyped-def]
                           headers=bearer(tokens["viewer"]))
         assert resp.status_code == 200
         notes = resp.json()
-        assert [n["tags"][1] for n in notes] == ["isolate", "allow", "restore"]
+        assert [n["tags"][1] for n in notes] == ["isolate", "allow", "restore", "restore"]
         allow = notes[1]
         assert allow["timeEnd"] - allow["time"] == 3_600_000
         assert all(set(n) >= {"time", "title", "text", "tags"} for n in notes)

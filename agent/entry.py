@@ -1,0 +1,36 @@
+"""The `drawbridge-agent` command: the SSH relay without the CLI's imports, else the CLI.
+
+`drawbridge-agent rpc` runs for as long as a controller session lives, once per
+session on every gateway: it must start fast and stay small (relay.py). Every
+other verb goes to the full CLI (cli.py).
+"""
+
+from __future__ import annotations
+
+import sys
+
+_TAKES_VALUE = ("-c", "--config", "--request-id", "--timeout")
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The verb on a `drawbridge-agent [OPTIONS] VERB ...` command line."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _TAKES_VALUE:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if command_of(argv) == "rpc" and "--help" not in argv:
+        from agent.relay import config_from_argv, relay
+
+        sys.exit(relay(config_from_argv(argv), sys.stdin.buffer, sys.stdout.buffer))
+    from agent.cli import main as cli_main
+
+    cli_main()
