@@ -46,8 +46,9 @@ from controller.audit_verify import CheckpointClaim, VerifyReport, verify_chain,
 from controller.db import Database, storable_text
 from controller.errors import AuditTampered, Conflict, StorageError
 
-__all__ = ["GENESIS", "AuditEvent", "AuditKey", "AuditLog", "AuditRecord", "HistoryQuery",
-           "TamperAlarm", "VerifyReport", "canonical_json", "format_time", "record_hash"]
+__all__ = ["ACK_ACTION", "ALARM_ACTION", "GENESIS", "AuditEvent", "AuditKey", "AuditLog",
+           "AuditRecord", "HistoryQuery", "TamperAlarm", "VerifyReport", "canonical_json",
+           "format_time", "record_hash"]
 
 log = logging.getLogger("drawbridge.controller.audit")
 _CHUNK = 1000

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
-from controller.audit import AuditEvent
+from controller.audit import ACK_ACTION, AuditEvent, HistoryQuery
 from controller.audit_head import Head
 from controller.audit_verify import CheckpointClaim
 from controller.checkpoint_keys import CheckpointFile, CheckpointKey, SignedCheckpoint, claims_from
@@ -171,7 +171,9 @@ class Checkpointer:
             if why == "interval" and start is not None and \
                     audit.count_since(start.seq, exclude_actions=(CHECKPOINT_ACTION,)) == 0:
                 return None
-            problem = audit.verify_since(start)
+            start, problem = self._start(start)
+            if problem is None:
+                problem = audit.verify_since(start)
             if problem is not None:
                 audit.raise_alarm(f"before signing a checkpoint: {problem}")
                 return None
@@ -196,6 +198,25 @@ class Checkpointer:
                  len(anchored) - len(missed), len(anchored))
         return StoredCheckpoint(checkpoint=cp, public_key=self.key.public_b64,
                                 anchored=anchored)
+
+    def _start(self, last: Head | None) -> tuple[Head | None, str | None]:
+        """Where the records still to be verified begin: after the last checkpoint, if
+        the chain still holds it. If it does not, an admin must have acknowledged a
+        chain that ended before it (the records it signed are gone, and every
+        verification says so); then everything is verified again. Otherwise the chain
+        was rewritten under the checkpoint: that is the problem."""
+        audit = self.ctl.audit
+        if last is None:
+            return None, None
+        rec = audit.get(last.seq)
+        if rec is not None and rec.hash == last.hash:
+            return last, None
+        for ack in reversed(audit.query(HistoryQuery(action=ACK_ACTION, limit=100))):
+            found = (ack.detail.get("alarm") or {}).get("found") or {}
+            if ack.seq > last.seq or int(found.get("seq") or 0) < last.seq:
+                return None, None
+        return None, (f"the chain no longer holds checkpoint #{last.seq} (signed "
+                      f"{last.hash[:16]}...): it was rewritten or cut under it")
 
     def anchor(self, cp: SignedCheckpoint, gateways: Sequence[Gateway] | None = None
                ) -> dict[str, str]:

@@ -55,7 +55,7 @@ def waits_for_person(plan: dict[str, Any]) -> bool:
     if plan["state"] == "paused":
         return True
     return plan["state"] == "running" and any(
-        s["state"] == "awaiting approval" for s in plan["stages"])
+        s["state"] == "awaiting approval" and not s["approved_by"] for s in plan["stages"])
 
 
 def plan_exit(plan: dict[str, Any]) -> int:

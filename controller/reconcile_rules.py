@@ -101,7 +101,10 @@ def orders_for(gateway: str, records: Iterable[AuditRecord]) -> dict[str, Order]
 
 
 def journal_outcome(entry: Mapping[str, Any]) -> str:
-    """What the gateway made of a change, in the controller's words."""
+    """What the gateway made of a change, in the controller's words ("noop": it was in
+    force already, nothing was applied)."""
+    if entry.get("result") == "noop":
+        return "noop"
     if entry.get("result") != "applied":
         return "failed"
     if entry.get("in_sync") is False or entry.get("verification") == "unverified":
@@ -114,6 +117,8 @@ def journal_outcome(entry: Mapping[str, Any]) -> str:
 def _same_outcome(controller: str, gateway: str) -> bool:
     if controller == gateway:
         return True
+    if gateway == "noop":  # already in force: whatever proof the controller was given
+        return controller in APPLIED
     # "applied": no verification to speak of (a restore without probes, an exception
     # change); the gateway may still have called it verified
     return controller == "applied" and gateway in ("verified", "applied")

@@ -124,7 +124,7 @@ class FakeAgent:
         if not self.knows_checkpoints:
             raise AgentError(f"{self.name}: request: op: Input should be 'ping', 'status', ...",
                              code="bad_request")
-        self.journal.append({"time": time.time(), "action": "checkpoint", "result": "noop",
+        self.journal.append({"time": time.time(), "action": "checkpoint", "result": "recorded",
                              "actor": "controller", "reason": "", "request_id": None,
                              "audit": None, **{k: args[k] for k in (
                                  "seq", "head_hash", "signature", "key_id")},
