@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any
 from controller.audit import AuditEvent
 from controller.errors import ControllerError, LeaseLost
 from controller.fleet import GatewayResult
+from controller.plan_control import superseded
+from controller.plan_doc import PlanDoc
 from controller.plan_machine import (
     AbortSend,
     AwaitApproval,
     Finish,
     Idle,
-    PlanDoc,
     Probe,
     Send,
     Skip,
@@ -52,7 +53,6 @@ from controller.plan_machine import (
     apply_stage_done,
     apply_stage_failed,
     next_step,
-    superseded,
 )
 from controller.plan_store import PlanStore
 

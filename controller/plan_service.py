@@ -20,20 +20,11 @@ from controller.audit import AuditEvent
 from controller.auth import Principal, Role
 from controller.errors import Conflict, ControllerError, Forbidden
 from controller.inventory import Gateway
+from controller.plan_control import ControlRefused, abort, approve, pause, resume
+from controller.plan_doc import GatewayStart, PlanDoc, StageDoc, stage_label
 from controller.plan_driver import PlanDriver, new_command_id
-from controller.plan_machine import (
-    ControlRefused,
-    GatewayStart,
-    PlanDoc,
-    StageDoc,
-    abort,
-    approve,
-    next_step,
-    pause,
-    resume,
-    stage_label,
-)
 from controller.plan_machine import Idle as IdleStep
+from controller.plan_machine import next_step
 from controller.plans import Plan, Stage
 from controller.schemas import Targets
 

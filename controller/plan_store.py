@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection
 
 from controller.db import Database, fit_row
 from controller.errors import LeaseLost, NotFound, StorageError
-from controller.plan_machine import ACTIVE, OPEN, PlanDoc
+from controller.plan_doc import ACTIVE, OPEN, PlanDoc
 
 
 class PlanStore:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from controller.checkpoints import CheckpointStore
-from controller.plan_machine import PlanDoc, stage_label
+from controller.plan_doc import PlanDoc, stage_label
 from controller.plan_store import PlanStore
 
 # Stage states in words (controller/plan_machine.py stage_label; "skipped": no gateway

@@ -6,22 +6,19 @@ import itertools
 
 import pytest
 
+from controller.plan_control import ControlRefused, abort, approve, pause, resume, superseded
+from controller.plan_doc import GatewayStart, PlanDoc, StageDoc, stage_label
 from controller.plan_machine import (
     AbortSend,
     AwaitApproval,
-    ControlRefused,
     Finish,
-    GatewayStart,
     Idle,
-    PlanDoc,
     Probe,
     Send,
     Skip,
-    StageDoc,
     StageDone,
     StageFailed,
     Timing,
-    abort,
     apply_abort_sent,
     apply_assign,
     apply_await,
@@ -31,12 +28,7 @@ from controller.plan_machine import (
     apply_skip,
     apply_stage_done,
     apply_stage_failed,
-    approve,
     next_step,
-    pause,
-    resume,
-    stage_label,
-    superseded,
 )
 
 GWS = ["gw0", "gw1", "gw2"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from controller.audit import AuditRecord, format_time
-from controller.plan_machine import GatewayStart, PlanDoc, StageDoc
+from controller.plan_doc import GatewayStart, PlanDoc, StageDoc
 
 T0 = 1_750_000_000.0
 
