@@ -21,7 +21,7 @@ from controller.auth import Principal, Role
 from controller.errors import Conflict, ControllerError, Forbidden
 from controller.inventory import Gateway
 from controller.plan_control import ControlRefused, abort, approve, pause, resume
-from controller.plan_doc import GatewayStart, PlanDoc, StageDoc, stage_label
+from controller.plan_doc import HOLD_OUTCOMES, GatewayStart, PlanDoc, StageDoc, stage_label
 from controller.plan_driver import PlanDriver, new_command_id
 from controller.plan_machine import Idle as IdleStep
 from controller.plan_machine import next_step
@@ -77,14 +77,26 @@ class PlanStatus(BaseModel):
     abort: dict[str, Any] | None
 
 
-def status_of(doc: PlanDoc, now: float) -> PlanStatus:
+def waiting_for(doc: PlanDoc, now: float) -> str | None:
+    """Why the plan is not moving on right now, in words (None: it is)."""
     step = next_step(doc, now)
+    if isinstance(step, IdleStep):
+        return step.why
+    if doc.state == "running" and doc.current < len(doc.stages):
+        stage = doc.stage(doc.current)
+        held = [g for g in stage.gateways if stage.results.get(g) in HOLD_OUTCOMES]
+        if stage.state == "sending" and held:
+            return f"stage {stage.name!r} waits for {', '.join(held)} (asked again)"
+    return None
+
+
+def status_of(doc: PlanDoc, now: float) -> PlanStatus:
     current = doc.stage(doc.current).name if doc.current < len(doc.stages) else None
     return PlanStatus(
         plan_id=doc.plan_id, name=doc.name, state=doc.state, ok=doc.state == "done",
         actor=doc.actor, reason=doc.reason, ticket=doc.ticket, created_at=doc.created_at,
         finished_at=doc.finished_at, targets=doc.targets, current_stage=current,
-        waiting=step.why if isinstance(step, IdleStep) else None, note=doc.note, seq=doc.seq,
+        waiting=waiting_for(doc, now), note=doc.note, seq=doc.seq,
         start=doc.start, abort=doc.abort.model_dump(mode="json") if doc.abort else None,
         stages=[StageStatus(
             index=s.index, name=s.name, state=stage_label(doc, s), action=s.action,

@@ -17,7 +17,6 @@ One three-gateway fleet serves the module, once per store.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,13 +27,13 @@ import pytest
 from drawbridge_lab import Lab
 from drawbridge_lab.fleet import (
     AGENT,
-    API_URL,
     CASEFILES_PORT,
     OUTSIDE_PORT,
     FleetRig,
     GatewayRig,
     wait_for,
 )
+from tests.storage import raw_sql
 
 pytestmark = pytest.mark.lab
 N = 3
@@ -53,8 +52,8 @@ profile = "casefiles"
 probes = ["outside-web"]
 
 [[stages]]
-name = "gw0 first"
-gateways = ["gw0"]
+name = "offices first"
+gateways = ["gw0", "gw1"]
 restore = true
 gate = "approval"
 probes = ["outside-web"]
@@ -149,15 +148,22 @@ def test_break_glass_on_a_console_is_a_change_nobody_ordered(fleet: FleetRig,
                    if r["command_id"] == result["command_id"] and r["outcome"] == "requested"]
     assert entry["audit"] == requested["hash"]
     assert cli(fleet, "audit", "reconcile", "--since", str(after), role="viewer")["ok"]
-    # checkpoints reach every journal and prove the chain from an exported file
+    # checkpoints (one followed the restore) reach every journal and prove the chain
+    # from an exported file
+    cli(fleet, "probe", "gw0", role="operator")
     made = cli(fleet, "audit", "checkpoint", "create")
     assert set(made["anchored"].values()) == {"recorded"}
-    seq = made["checkpoint"]["seq"]
-    assert any(e["action"] == "checkpoint" and e["seq"] == seq for e in journal(gw))
+    assert cli(fleet, "audit", "checkpoint", "create", expect=2) is None  # nothing new
     exported = tmp_path / "checkpoints.json"
     proc = fleet.cli("audit", "checkpoint", "export", "--output", str(exported),
                      role="viewer")
     assert proc.returncode == 0, proc.stderr
+    seqs = [c["seq"] for c in json.loads(exported.read_text())["checkpoints"]]
+    seq = made["checkpoint"]["seq"]
+    assert seq == seqs[-1] and len(seqs) >= 2
+    for rig in fleet.gateways:
+        assert [e["seq"] for e in journal(rig) if e["action"] == "checkpoint"][-2:] == \
+            seqs[-2:]
     verified = cli(fleet, "audit", "verify", "--checkpoint", str(exported), role="viewer")
     assert verified["ok"] and any(c["seq"] == seq and c["source"] == str(exported)
                                   for c in verified["checkpoints"])
@@ -180,26 +186,32 @@ def test_a_three_stage_plan_with_probes_and_an_approval_survives_a_killed_contro
 
     refused = fleet.cli("plan", "approve", pid, "--reason", "my own plan")
     assert refused.returncode == 3 and "two-person" in refused.stderr
-    cli(fleet, "plan", "approve", pid, "--reason", "case files checked", role="admin2")
-    # the moment stage 2 has its command id (recorded before it is sent): kill -9
-    poll = ("import json,sys,time,urllib.request\n"
-            f"req = urllib.request.Request('{API_URL}/v1/plans/{pid}',\n"
-            "    headers={'Authorization': 'Bearer ' + sys.argv[1]})\n"
-            "for _ in range(600):\n"
-            "    plan = json.load(urllib.request.urlopen(req, timeout=5))\n"
-            "    if plan['stages'][1]['command_id']:\n"
-            "        print(plan['stages'][1]['state']); break\n"
-            "    time.sleep(0.02)\n")
-    seen = fleet.lab.run(fleet.lab.mgmt_ns, [sys.executable, "-c", poll,
-                                             fleet.tokens["viewer"]], timeout=60)
-    fleet.kill_controller()
-    assert seen.stdout.strip(), seen.stderr
+    # gw1's management link goes down: stage 2 reaches gw0, gw1 holds it
+    gw1 = fleet.gateways[1]
+    fleet.cut_mgmt_link(gw1)
+    try:
+        cli(fleet, "plan", "approve", pid, "--reason", "case files checked", role="admin2")
+        status = wait_plan(fleet, pid, lambda p: p["stages"][1]["results"].get("gw1") ==
+                           "unreachable", "gw1 to hold stage 2", timeout=60)
+        assert status["stages"][1]["state"] == "running"
+        assert status["stages"][1]["results"]["gw0"] == "verified"
+        assert "waits for gw1" in status["waiting"]
+        assert flows(fleet) == {"gw0": (True, True), "gw1": (False, True),
+                                "gw2": (False, True)}
+        # the controller dies mid-stage (kill -9), the gateway comes back meanwhile
+        fleet.kill_controller()
+    finally:
+        fleet.cut_mgmt_link(gw1, up=True)
+    [(doc,)] = raw_sql(fleet.db_url, "SELECT doc FROM plans WHERE plan_id = :p", p=pid)
+    at_kill = json.loads(doc)["stages"][1]
+    assert at_kill["state"] == "sending" and at_kill["command_id"]
     fleet.start_controller()
 
     status = wait_plan(fleet, pid, lambda p: p["stages"][1]["state"] == "done",
                        "stage 2 done after the restart")
+    assert status["stages"][1]["command_id"] == at_kill["command_id"]  # completed, not rerun
     assert status["stages"][2]["state"] == "pending"  # its pause holds it: observe now
-    assert flows(fleet) == {"gw0": (True, True), "gw1": (False, True), "gw2": (False, True)}
+    assert flows(fleet) == {"gw0": (True, True), "gw1": (True, True), "gw2": (False, True)}
     assert plan_status(fleet, pid)["stages"][2]["state"] == "pending"
     assert status["stages"][1]["approved_by"] == "second-admin"
 
@@ -214,9 +226,15 @@ def test_a_three_stage_plan_with_probes_and_an_approval_survives_a_killed_contro
     records = cli(fleet, "history", "--action", "restore", "--limit", "500", role="viewer")
     stage_records = [r for r in records if r["detail"].get("plan_id") == pid]
     assert {r["detail"].get("stage") for r in stage_records} >= {
-        "case files", "gw0 first", "everything else"}
+        "case files", "offices first", "everything else"}
     assert any(r["action"] == "restore.plan.approve" and r["actor"] == "second-admin"
                for r in stage_records)
+    # after the restart the stage was completed under its own command id, sent again to
+    # the gateway that had not answered (only to it)
+    resent = [r for r in stage_records if r["detail"].get("stage") == "offices first"
+              and r["detail"].get("resend") and r["outcome"] == "requested"]
+    assert resent and {r["command_id"] for r in resent} == {at_kill["command_id"]}
+    assert all(r["targets"] == ["gw1"] for r in resent)
     assert cli(fleet, "audit", "verify", role="viewer")["ok"]
 
 
