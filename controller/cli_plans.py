@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -46,9 +47,9 @@ PlanReasonOpt = Annotated[str, typer.Option(help="Why (kept in the audit log).")
 FollowOpt = Annotated[bool, typer.Option(
     "--follow", help="Follow the plan until it is done, fails, or waits for a person.")]
 FINISHED = ("done", "failed", "aborted")
-STAGE_STYLE = {"done": "green", "running": "cyan", "awaiting approval": "yellow",
-               "paused": "yellow", "failed": "red", "aborted": "red", "pending": "",
-               "skipped": "dim"}
+STAGE_STYLE = MappingProxyType({
+    "done": "green", "running": "cyan", "awaiting approval": "yellow", "paused": "yellow",
+    "failed": "red", "aborted": "red", "pending": "", "skipped": "dim"})
 
 
 def waits_for_person(plan: dict[str, Any]) -> bool:

@@ -24,6 +24,10 @@ class ControlRefused(Exception):
     """A control action that does not fit the plan's state (the message says why)."""
 
 
+class SecondAdminNeeded(Exception):
+    """The two-person rule: whoever started a plan does not approve its stages."""
+
+
 def approve(doc: PlanDoc, *, by: str, reason: str, now: float) -> tuple[PlanDoc, StageDoc]:
     """The current stage's gate, passed by `by` (the two-person rule: not the admin who
     started the plan)."""
@@ -39,8 +43,8 @@ def approve(doc: PlanDoc, *, by: str, reason: str, now: float) -> tuple[PlanDoc,
         raise ControlRefused(f"stage {stage.name!r} was approved already by "
                              f"{stage.approved_by}")
     if by == doc.actor:
-        raise PermissionError(f"{by} started plan {doc.plan_id}; a second admin must "
-                              "approve its stages (two-person rule)")
+        raise SecondAdminNeeded(f"{by} started plan {doc.plan_id}; a second admin must "
+                                "approve its stages (two-person rule)")
     stage = stage.model_copy(update={"approved_by": by, "approved_at": now,
                                      "approval_reason": reason})
     return doc.with_stage(stage), stage

@@ -23,6 +23,7 @@ import logging
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from controller.audit import AuditEvent
@@ -66,7 +67,7 @@ log = logging.getLogger("drawbridge.controller.plans")
 SYSTEM_ACTOR = "controller"
 MAX_STEPS = 200  # per plan and tick: a plan that never waits cannot hold the driver
 STAGE_EVENTS = ("awaiting approval", "done", "failed", "skipped")
-END_OUTCOMES = {"done": "ok", "failed": "failed", "aborted": "aborted"}
+END_OUTCOMES = MappingProxyType({"done": "ok", "failed": "failed", "aborted": "aborted"})
 
 
 def new_command_id() -> str:

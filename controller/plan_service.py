@@ -20,7 +20,14 @@ from controller.audit import AuditEvent
 from controller.auth import Principal, Role
 from controller.errors import Conflict, ControllerError, Forbidden
 from controller.inventory import Gateway
-from controller.plan_control import ControlRefused, abort, approve, pause, resume
+from controller.plan_control import (
+    ControlRefused,
+    SecondAdminNeeded,
+    abort,
+    approve,
+    pause,
+    resume,
+)
 from controller.plan_doc import HOLD_OUTCOMES, GatewayStart, PlanDoc, StageDoc, stage_label
 from controller.plan_driver import PlanDriver, new_command_id
 from controller.plan_machine import Idle as IdleStep
@@ -217,7 +224,7 @@ class Plans:
                 after = self.store.modify(plan_id, fn, now=ctl.clock())
             except ControlRefused as exc:
                 raise Conflict(str(exc)) from None
-            except PermissionError as exc:
+            except SecondAdminNeeded as exc:
                 raise Forbidden(str(exc)) from None
         except ControllerError as exc:
             ctl.refused(principal, what, exc, detail={"plan_id": plan_id})

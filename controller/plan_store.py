@@ -17,16 +17,20 @@ the row lock (PostgreSQL) or a process lock (SQLite), never waiting for a stage.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
+import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from controller.db import Database, fit_row
-from controller.errors import LeaseLost, NotFound, StorageError
+from controller.errors import ConfigError, LeaseLost, NotFound, StorageError
 from controller.plan_doc import ACTIVE, OPEN, PlanDoc
 
 
@@ -142,3 +146,27 @@ class PlanStore:
         with self._txn() as conn:
             conn.execute(t.update().where(t.c.plan_id == plan_id, t.c.lease_owner == owner)
                          .values(lease_owner=None, lease_until=None))
+
+
+def instance_id(path: Path) -> str:
+    """This controller's stable id (a file in its state dir, made on first start): who
+    holds a plan's lease. Kept across restarts, so a restarted controller resumes its
+    own plans at once instead of waiting for their leases to run out."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+        if text:
+            return text[:64]
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    value = f"{socket.gethostname().split('.')[0][:40] or 'controller'}-{uuid.uuid4().hex[:12]}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return instance_id(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(value + "\n")
+    return value

@@ -12,15 +12,12 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
-import os
-import socket
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -52,6 +49,7 @@ from controller.fleet import CHANGE_OPS, EXCEPTION_OPS, Fleet, GatewayResult
 from controller.inventory import Gateway, Inventory, parse_address
 from controller.metrics import ControllerMetrics, FleetCollector
 from controller.plan_service import Plans
+from controller.plan_store import instance_id
 from controller.polling import SYSTEM_ACTOR, Polls
 from controller.refusals import Refusal, RefusalAggregator
 from controller.schemas import (
@@ -79,30 +77,6 @@ def _noop(event: dict[str, Any]) -> None:
 
 def _short_id() -> str:
     return uuid.uuid4().hex[:16]
-
-
-def instance_id(path: Path) -> str:
-    """This controller's stable id (a file in its state dir, made on first start): who
-    holds a plan's lease. Kept across restarts, so a restarted controller resumes its
-    own plans at once instead of waiting for their leases to run out."""
-    try:
-        text = path.read_text(encoding="ascii").strip()
-        if text:
-            return text[:64]
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    value = f"{socket.gethostname().split('.')[0][:40] or 'controller'}-{uuid.uuid4().hex[:12]}"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return instance_id(path)
-    except OSError as exc:
-        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "w", encoding="ascii") as fh:
-        fh.write(value + "\n")
-    return value
 
 
 def audit_result(res: GatewayResult) -> dict[str, Any]:

@@ -6,7 +6,15 @@ import itertools
 
 import pytest
 
-from controller.plan_control import ControlRefused, abort, approve, pause, resume, superseded
+from controller.plan_control import (
+    ControlRefused,
+    SecondAdminNeeded,
+    abort,
+    approve,
+    pause,
+    resume,
+    superseded,
+)
 from controller.plan_doc import GatewayStart, PlanDoc, StageDoc, stage_label
 from controller.plan_machine import (
     AbortSend,
@@ -118,7 +126,7 @@ def test_approval_gate_comes_before_the_stage_applies_and_needs_a_second_admin()
     doc = apply_await(doc, 0)
     assert isinstance(next_step(doc, 2.0, T), Idle)
     assert stage_label(doc, doc.stage(0)) == "awaiting approval"
-    with pytest.raises(PermissionError, match="two-person"):
+    with pytest.raises(SecondAdminNeeded, match="two-person"):
         approve(doc, by="alice", reason="mine", now=3.0)
     doc, approved = approve(doc, by="bob", reason="checked", now=3.0)
     assert (approved.approved_by, approved.approval_reason) == ("bob", "checked")
