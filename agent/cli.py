@@ -28,6 +28,7 @@ from agent.errors import DrawbridgeError
 from agent.localsock import LocalClient
 from agent.requests import parse_duration
 from agent.rpc import Dispatcher
+from agent.version import version_callback
 from agent.wire import DEFAULT_CONFIG, SOCKET_FILE
 
 EXIT_BY_CODE = {"bad_request": 2, "bad_json": 2, "too_large": 2, "config_error": 2,
@@ -150,6 +151,9 @@ def main_options(
         "a fresh id per call.")] = None,
     timeout: Annotated[float, typer.Option(
         help="Seconds to wait for the agent daemon's answer.", min=0.1)] = 120.0,
+    _version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=version_callback("drawbridge-agent"),
+        help="Print the version and exit.")] = False,
 ) -> None:
     ctx.obj = Ctx(config, request_id, timeout)
 

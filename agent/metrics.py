@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -38,17 +37,11 @@ from agent.errors import DrawbridgeError
 from agent.nft.rules import COUNTERS, SPOOFED_COUNTER
 from agent.probes import ProbeResult
 from agent.state import DesiredState, StateStore
+from agent.version import package_version
 
 STATES = ("open", "open_unverified", "isolated", "isolated_unverified")
 APPLY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 log = logging.getLogger("drawbridge.metrics")
-
-
-def agent_version() -> str:
-    try:
-        return version("drawbridge")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 class DurationHistogram:
@@ -263,7 +256,7 @@ class AgentCollector(Collector):
         self.health = health or Health()
         self.probe_order = tuple(probe_order)
         self.clock = clock
-        self.version = agent_version()
+        self.version = package_version()
 
     def snapshot(self) -> Snapshot:
         state: DesiredState | None

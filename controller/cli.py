@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from typer.core import TyperGroup
 
+from agent.version import version_callback
 from controller.cli_audit import audit_app
 from controller.cli_common import (
     EXIT_CONTROLLER,
@@ -57,6 +58,13 @@ app.add_typer(gateway_app, name="gateway")
 app.add_typer(audit_app, name="audit")
 app.add_typer(token_app, name="token")
 app.add_typer(plan_app, name="plan")
+
+
+@app.callback()
+def main_options(_version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=version_callback("drawbridge"),
+        help="Print the version and exit.")] = False) -> None:
+    """Drawbridge: isolate and restore gateways fleet-wide, with proof."""
 
 # -- commands with fan-out ---------------------------------------------------------------
 

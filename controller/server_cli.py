@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.config import parse_listen
+from agent.version import version_callback
 from controller.auth import Role
 from controller.config import ControllerConfig, load_config
 from controller.errors import ControllerError
@@ -75,7 +76,10 @@ def _open(ctx: typer.Context) -> Controller:
 def main_options(ctx: typer.Context, config: Annotated[Path | None, typer.Option(
         "--config", "-c", envvar="DRAWBRIDGE_CONTROLLER_CONFIG",
         help="Controller config (TOML); default /etc/drawbridge/controller.toml if present."
-        )] = None) -> None:
+        )] = None,
+        _version: Annotated[bool, typer.Option(
+            "--version", is_eager=True, callback=version_callback("drawbridge-controller"),
+            help="Print the version and exit.")] = False) -> None:
     ctx.obj = Ctx(config)
 
 

@@ -1,10 +1,12 @@
-"""Storage fixtures shared by the unit and lab suites: every test that touches the
-controller's database runs once on SQLite and once on a real PostgreSQL server that
-this test run starts (drawbridge_lab.postgres) and removes at the end.
+"""Fixtures shared by the unit, install and lab suites.
 
-`--store sqlite` or `--store postgresql` (or DRAWBRIDGE_TEST_STORES=sqlite) narrows
-the run to one store. Where PostgreSQL is not installed its half is skipped with the
-reason; in CI (CI=true) it must run.
+Storage: every test that touches the controller's database runs once on SQLite and
+once on a real PostgreSQL server that this test run starts (drawbridge_lab.postgres)
+and removes at the end. `--store sqlite` or `--store postgresql` (or
+DRAWBRIDGE_TEST_STORES=sqlite) narrows the run to one store. Where PostgreSQL is not
+installed its half is skipped with the reason; in CI (CI=true) it must run.
+
+Packages: the offline wheelhouse (tests/install, the Ansible lab test).
 """
 
 from __future__ import annotations
@@ -17,8 +19,19 @@ from pathlib import Path
 import pytest
 
 from drawbridge_lab.postgres import PostgresServer, PostgresUnavailable, unavailable_reason
+from tests.install.wheelhouse import make_wheelhouse
 
+ROOT = Path(__file__).resolve().parent.parent
 STORES = ("sqlite", "postgresql")
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """drawbridge's wheel (built from this tree) and every dependency of drawbridge[controller],
+    re-packed from this venv: `pip install --no-index --find-links` needs no network."""
+    base = tmp_path_factory.mktemp("wheelhouse")
+    make_wheelhouse([ROOT], ["drawbridge[controller]"], base / "wheels", base / "scratch")
+    return base / "wheels"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

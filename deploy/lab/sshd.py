@@ -22,9 +22,15 @@ def render_sshd_config(
     host_key_path: Path,
     authorized_keys_path: Path,
     workdir: Path,
+    include_dir: Path | None = None,
 ) -> str:
-    """A self-contained sshd_config: key-only root login, nothing read from /etc/ssh."""
-    lines = [
+    """A self-contained sshd_config: key-only root login, nothing read from /etc/ssh.
+
+    ``include_dir``: drop-ins (``*.conf``) read first, as Debian's sshd_config does
+    with /etc/ssh/sshd_config.d, so that they win (sshd keeps the first value).
+    """
+    lines = [f"Include {include_dir.resolve()}/*.conf"] if include_dir is not None else []
+    lines += [
         f"ListenAddress {listen_address(listen_addr, port)}",
         f"HostKey {host_key_path.resolve()}",
         f"AuthorizedKeysFile {authorized_keys_path.resolve()}",
@@ -40,5 +46,7 @@ def render_sshd_config(
         "LogLevel VERBOSE",
         "MaxStartups 100:30:200",
         "MaxSessions 100",
+        # as on a real gateway: file transfers (Ansible's copy and template) use sftp
+        "Subsystem sftp internal-sftp",
     ]
     return "\n".join(lines) + "\n"

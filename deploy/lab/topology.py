@@ -486,11 +486,14 @@ class Lab:
         host_key_path: str | os.PathLike[str],
         authorized_keys_path: str | os.PathLike[str],
         workdir: str | os.PathLike[str],
+        include_dir: str | os.PathLike[str] | None = None,
         timeout: float = 10.0,
     ) -> subprocess.Popen[Any]:
         """Run ``sshd -D -e`` in ``ns`` with its own config in ``workdir``; wait for TCP.
 
-        The log (sshd's stderr) goes to ``workdir/sshd.log``.
+        The log (sshd's stderr) goes to ``workdir/sshd.log``; the config is
+        ``workdir/sshd_config``, reading ``include_dir/*.conf`` first if given.
+        SIGHUP makes sshd read it again.
         """
         work = Path(workdir)
         work.mkdir(parents=True, exist_ok=True)
@@ -504,6 +507,7 @@ class Lab:
                 host_key_path=key,
                 authorized_keys_path=Path(authorized_keys_path),
                 workdir=work,
+                include_dir=Path(include_dir) if include_dir is not None else None,
             )
         )
         PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
