@@ -379,8 +379,11 @@ class AuditLog:
                               head_problem=head_problem, checkpoints=checkpoints)
         alarm = self._alarm
         if alarm is not None:
-            report = report.model_copy(update={
-                "ok": False, "alarm": alarm.problem, "problem": report.problem or alarm.problem})
+            # the alarm says what was found first (a record cut off the end, say); the
+            # head comparison would only see the alarm's own record where the head was
+            problem = alarm.problem if report.bad_record is None else report.problem
+            report = report.model_copy(update={"ok": False, "alarm": alarm.problem,
+                                               "problem": problem})
         return report
 
     def verify_since(self, start: Head | None) -> str | None:

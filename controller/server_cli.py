@@ -4,7 +4,9 @@
     drawbridge-controller [--config PATH] token create --user U --role viewer|operator|admin
     drawbridge-controller [--config PATH] token list | token revoke ID
     drawbridge-controller [--config PATH] migrate
-    drawbridge-controller [--config PATH] audit verify
+    drawbridge-controller [--config PATH] audit verify [--checkpoint FILE]... [--json]
+    drawbridge-controller [--config PATH] audit acknowledge --reason R [--json]
+    drawbridge-controller [--config PATH] audit checkpoint export [-o FILE] [--json]
 
 Run on the controller host itself (it reads the database and the audit key
 directly); engineers use `drawbridge` against the API instead.
@@ -13,6 +15,7 @@ directly); engineers use `drawbridge` against the API instead.
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import os
 import socket
@@ -215,8 +218,6 @@ def audit_verify(
 
 
 def _read_json(path: Path) -> object:
-    import json
-
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -230,6 +231,7 @@ def audit_acknowledge(
     ctx: typer.Context,
     reason: Annotated[str, typer.Option(help="What was found, and why the chain as it is "
                                              "now is accepted (kept in the audit log).")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
     """After a tamper alarm: accept the chain as the database holds it now (recorded, with
     what the alarm saw); writes resume. Exit 1 if there is no alarm."""
@@ -240,7 +242,10 @@ def audit_acknowledge(
         fail(exc.message, 1)
     finally:
         ctl.close()
-    out.print(f"alarm acknowledged: record #{rec.seq}", highlight=False)
+    if as_json:
+        print(rec.model_dump_json(indent=2))
+    else:
+        out.print(f"alarm acknowledged: record #{rec.seq}", highlight=False)
 
 
 checkpoint_app = typer.Typer(help="Signed checkpoints of the audit chain.",
@@ -253,11 +258,14 @@ def checkpoint_export(
     ctx: typer.Context,
     output: Annotated[Path | None, typer.Option("--output", "-o",
                                                 help="Write here (default: stdout).")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="With --output: say what was written, as JSON.")] = False,
 ) -> None:
     """Every signed checkpoint with the public key, as JSON (keep it off this host)."""
     ctl = _open(ctx)
     try:
-        text = ctl.checkpoints.export().model_dump_json(indent=2)
+        exported = ctl.checkpoints.export()
+        text = exported.model_dump_json(indent=2)
     finally:
         ctl.close()
     if output is None:
@@ -267,6 +275,11 @@ def checkpoint_export(
         output.write_text(text + "\n", encoding="utf-8")
     except OSError as exc:
         fail(f"cannot write {output}: {exc.strerror}", 2)
+    count = len(exported.checkpoints)
+    if as_json:
+        print(json.dumps({"output": str(output), "checkpoints": count}))
+    else:
+        out.print(f"wrote {count} checkpoint(s) to {output}", highlight=False)
 
 
 def main() -> None:
