@@ -91,7 +91,8 @@ class RefusalAggregator:
     """Writes through `write` (the audit log's append); thread-safe."""
 
     def __init__(self, write: Callable[[AuditEvent], Any], *, window_seconds: float,
-                 max_sources: int, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_sources: int, clock: Callable[[], float] = time.time) -> None:
+        # wall-clock time: the summary records when its window started and ended
         self.write = write
         self.window = window_seconds
         self.max_sources = max_sources

@@ -113,7 +113,7 @@ class Controller:
         self._plans: Plans | None = None
         self.refusals = RefusalAggregator(
             self._record_refusal, window_seconds=config.audit.refusal_window_seconds,
-            max_sources=config.audit.refusal_max_sources)
+            max_sources=config.audit.refusal_max_sources, clock=clock)
         self._mismatch_reported: dict[str, str] = {}
         self._report_lock = threading.Lock()
         self._inflight: set[str] = set()  # commands accepted and not finished yet
