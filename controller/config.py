@@ -86,6 +86,31 @@ class PollSettings(_Model):
     timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
 
 
+class AuditSettings(_Model):
+    # A signed checkpoint of the chain's head is sent to every gateway's journal this
+    # often (and after every isolate and restore); 0: only after isolate and restore.
+    checkpoint_interval_seconds: float = Field(default=900.0, ge=0, le=7 * 86400)
+    # The Ed25519 key that signs checkpoints (created on first start, 0600); never in
+    # the database. Default: <state_dir>/checkpoint.key
+    checkpoint_key_file: Path | None = None
+    # Refused requests: the first per source (address, and user if known) and window
+    # is recorded at once, the rest of the window as one summary with a count.
+    refusal_window_seconds: float = Field(default=60.0, gt=0, le=86400)
+    refusal_max_sources: int = Field(default=1000, ge=1, le=1_000_000)
+
+
+class PlanSettings(_Model):
+    # Two-person rule for every stage that fully restores (restore = true), whatever
+    # the plan file says: a second admin approves it before it applies.
+    require_approval_for_restore: bool = False
+    # How often the plan driver looks at running plans.
+    interval_seconds: float = Field(default=2.0, gt=0, le=3600)
+    # A stage's probes are asked every probe_interval_seconds until they all pass; a
+    # stage whose probes have not passed within its probe_timeout (default below) fails.
+    probe_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+    probe_timeout_seconds: float = Field(default=300.0, gt=0, le=7 * 86400)
+
+
 class ApiSettings(_Model):
     listen: str = "127.0.0.1:8630"
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
@@ -116,6 +141,8 @@ class ControllerConfig(_Model):
     poll: PollSettings = PollSettings()
     exceptions: ExceptionSettings = ExceptionSettings()
     confirm: ConfirmSettings = ConfirmSettings()
+    audit: AuditSettings = AuditSettings()
+    plans: PlanSettings = PlanSettings()
     log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
 
     @property
@@ -129,6 +156,14 @@ class ControllerConfig(_Model):
     @property
     def audit_head_path(self) -> Path:
         return self.state_dir / "audit.head"
+
+    @property
+    def checkpoint_key_path(self) -> Path:
+        return self.audit.checkpoint_key_file or self.state_dir / "checkpoint.key"
+
+    @property
+    def instance_id_path(self) -> Path:
+        return self.state_dir / "controller.id"
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> ControllerConfig:

@@ -92,3 +92,18 @@ class AgentError(ControllerError):
 
     code = "agent_error"
     http_status = 502
+
+
+class AuditTampered(StorageError):
+    """The audit chain no longer holds the head the controller wrote (cut, replaced, or
+    the head file lost): writes are refused until an admin acknowledges the alarm."""
+
+    code = "audit_tamper_alarm"
+    http_status = 503
+
+
+class LeaseLost(ControllerError):
+    """Another controller took over the plan this one was driving."""
+
+    code = "lease_lost"
+    http_status = 409

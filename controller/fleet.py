@@ -135,12 +135,16 @@ class Fleet:
         on_result: Callable[[GatewayResult], None] | None = None,
         timeout: float | None = None,
         accept: Callable[[Sequence[Gateway]], Sequence[Gateway]] | None = None,
+        request_id: str | None = None,
+        audit: str | None = None,
     ) -> list[GatewayResult]:
         """Run `op` on every gateway; results in the order of `gateways`.
 
         `accept` runs while no other command can be accepted: it records the command
         and may drop gateways (e.g. a retry that a newer command made moot), so that
-        acceptance order, turn order and the recorded intent always agree."""
+        acceptance order, turn order and the recorded intent always agree.
+        `request_id` and `audit` go into each request's envelope (the command id and its
+        `requested` record's hash: the agent journals both with the change)."""
         futures: dict[Future[GatewayResult], int] = {}
         with self._accept:
             if accept is not None:
@@ -150,7 +154,7 @@ class Fleet:
                 turn = link.turns.take()
                 try:
                     fut = self._pool.submit(self._one, gw, link, turn, op, args_for(gw), after,
-                                            timeout)
+                                            timeout, request_id, audit)
                 except Exception:
                     link.turns.cancel(turn)
                     raise
@@ -167,11 +171,13 @@ class Fleet:
         return [r for r in results if r is not None]
 
     def _one(self, gw: Gateway, link: GatewayLink, turn: int, op: str, args: dict[str, Any],
-             after: ResultHook | None, timeout: float | None) -> GatewayResult:
+             after: ResultHook | None, timeout: float | None, request_id: str | None,
+             audit: str | None) -> GatewayResult:
         started = time.perf_counter()
         with link.turns.turn(turn):
             try:
-                value = link.call(op, args, timeout=timeout)
+                value = link.call(op, args, timeout=timeout, request_id=request_id,
+                                  audit=audit)
                 res = classify(gw.name, op, value, time.perf_counter() - started)
             except (TransportError, AgentError) as exc:
                 res = failure(gw.name, op, exc, time.perf_counter() - started)
