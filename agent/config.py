@@ -24,13 +24,12 @@ from pydantic import (
     model_validator,
 )
 
+from agent.digest import config_digest
 from agent.errors import ConfigError
+from agent.nettypes import Direction, IPNetwork, Proto
 from agent.text import FreeText
 from agent.wire import DEFAULT_STATE_DIR
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-Proto = Literal["tcp", "udp", "icmp"]
-Direction = Literal["in", "out", "both"]
 BUILTIN_PROFILES = ("internet", "full")
 RESERVED_PROFILE_NAMES = (*BUILTIN_PROFILES, "open")
 
@@ -200,6 +199,16 @@ class ExceptionLimits(_Model):
     max_seconds: int = Field(default=30 * 24 * 3600, ge=60, le=365 * 24 * 3600)
 
 
+class ConfirmDefaults(_Model):
+    """Commit-confirmed deadlines (seconds) applied when a request names none; unset: a
+    change is final at once unless its request asks (`--confirm-within`)."""
+
+    isolate: int | None = Field(default=None, ge=5, le=86400)
+    restore: int | None = Field(default=None, ge=5, le=86400)
+    allow: int | None = Field(default=None, ge=5, le=86400)
+    reload: int | None = Field(default=None, ge=5, le=86400)
+
+
 class Profile(_Model):
     """A named profile: a built-in base plus flows it leaves open to named outside networks."""
 
@@ -350,6 +359,7 @@ class AgentConfig(_Model):
     profiles: dict[Name, Profile] = Field(default_factory=dict)
     probes: tuple[ProbeConfig, ...] = ()
     exceptions: ExceptionLimits = ExceptionLimits()
+    confirm: ConfirmDefaults = ConfirmDefaults()
     # A flowtable of another table (e.g. OpenWrt fw4's offload) carries established
     # connections past our forward chain: reported as unverified unless the operator
     # declares it a choice here. Offloaded connections are torn down on every change.
@@ -447,17 +457,30 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> AgentConfig:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    """A TOML file as a dict; unreadable or malformed files become a ConfigError."""
+def _read(path: Path) -> bytes:
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+
+
+def _toml(raw: bytes, path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file as a dict; unreadable or malformed files become a ConfigError."""
+    return _toml(_read(path), path)
+
+
 def load_config(path: Path) -> AgentConfig:
     return parse_config(read_toml(path), str(path))
+
+
+def load_config_and_digest(path: Path) -> tuple[AgentConfig, str]:
+    """The config and the digest of exactly the bytes it was read from."""
+    raw = _read(path)
+    return parse_config(_toml(raw, path), str(path)), config_digest(raw)

@@ -1,8 +1,9 @@
 """The `drawbridge-agent` command: the SSH relay without the CLI's imports, else the CLI.
 
 `drawbridge-agent rpc` runs for as long as a controller session lives, once per
-session on every gateway: it must start fast and stay small (relay.py). Every
-other verb goes to the full CLI (cli.py).
+session on every gateway: it must start fast and stay small (relay.py).
+`drawbridge-agent boot` runs before the network comes up: it must be fast
+(boot.py). Every other verb goes to the full CLI (cli.py).
 """
 
 from __future__ import annotations
@@ -27,10 +28,18 @@ def command_of(argv: list[str]) -> str | None:
 
 def main() -> None:
     argv = sys.argv[1:]
-    if command_of(argv) == "rpc" and "--help" not in argv:
-        from agent.relay import config_from_argv, relay
+    command = command_of(argv)
+    if command in ("rpc", "boot") and "--help" not in argv:
+        from agent.relay import config_from_argv
 
-        sys.exit(relay(config_from_argv(argv), sys.stdin.buffer, sys.stdout.buffer))
+        config = config_from_argv(argv)
+        if command == "boot":
+            from agent.boot import boot
+
+            sys.exit(boot(config))
+        from agent.relay import relay
+
+        sys.exit(relay(config, sys.stdin.buffer, sys.stdout.buffer))
     from agent.cli import main as cli_main
 
     cli_main()

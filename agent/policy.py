@@ -13,17 +13,12 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from agent.config import (
-    AgentConfig,
-    Direction,
-    FlowRule,
-    InfraFlow,
-    IPNetwork,
-    ManagementEntry,
-    Proto,
-)
+from agent.nettypes import Direction, IPNetwork, Proto
+
+if TYPE_CHECKING:  # the boot path renders without loading the config's validation
+    from agent.config import AgentConfig, FlowRule, InfraFlow, ManagementEntry
 
 Mode = Literal["internet", "full"]
 ANY_PORT = (0, 65535)

@@ -21,8 +21,6 @@ from typing import Any
 from agent.errors import ConflictError, DrawbridgeError, error_for_code
 from agent.journal import Journal
 
-CHANGE_OPS = ("isolate", "restore", "allow", "extend", "revoke", "confirm")
-
 
 @dataclass(frozen=True)
 class RequestRef:

@@ -12,7 +12,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from agent.config import Direction, Name, Network, PortRange, Proto, check_ports_fit_proto
+from agent.config import Name, Network, PortRange, check_ports_fit_proto
+from agent.durations import parse_duration as parse_duration
+from agent.nettypes import Direction, Proto
 from agent.text import Reason
 
 MAX_EXCEPTION_SECONDS = 30 * 24 * 3600
@@ -43,13 +45,26 @@ class _Request(BaseModel):
     ticket: Ticket = None
 
 
+ConfirmWithin = Annotated[int | None, Field(ge=5, le=86400)]
+
+
 class IsolateRequest(_Request):
     profile: Name = "internet"
     reason: Reason
+    # commit-confirmed: returned to safety by the agent unless confirmed in time
+    confirm_within_seconds: ConfirmWithin = None
 
 
 class RestoreRequest(_Request):
     reason: Reason
+    confirm_within_seconds: ConfirmWithin = None
+
+
+class ConfirmRequest(_Request):
+    """Confirm the provisional change in force (the one with this request id, if given)."""
+
+    request_id: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+    reason: Reason = "confirmed"
 
 
 class AllowRequest(_Request):
@@ -66,6 +81,7 @@ class AllowRequest(_Request):
     direction: Direction = "out"
     duration_seconds: int = Field(gt=0, le=MAX_EXCEPTION_SECONDS)
     reason: Reason
+    confirm_within_seconds: ConfirmWithin = None
 
     @model_validator(mode="after")
     def _check(self) -> AllowRequest:
@@ -105,13 +121,4 @@ class RenderRequest(BaseModel):
 
 
 Op = Literal["ping", "status", "isolate", "restore", "allow", "exceptions", "extend", "revoke",
-             "render", "probe", "journal", "checkpoint"]
-
-
-def parse_duration(text: str) -> int:
-    """'90s', '15m', '4h', '2d' or plain seconds, as whole seconds."""
-    match = re.fullmatch(r"\s*(\d{1,7})\s*([smhd]?)\s*", text)
-    if not match:
-        raise ValueError(f"{text!r} is not a duration like 90s, 15m, 4h or 2d")
-    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    return int(match.group(1)) * unit
+             "render", "probe", "journal", "checkpoint", "confirm"]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from agent.config import IPNetwork
+    from agent.nettypes import IPNetwork
 
 RESOLVED_FILE = "resolved.json"
 Lookup = Callable[[str], "tuple[IPNetwork, ...]"]

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from agent.state import DesiredState, ExceptionEntry, VerificationResult
+from agent.state import DesiredState, ExceptionEntry, Provisional, VerificationResult
 
 
 class Verifier(Protocol):
@@ -64,6 +64,7 @@ class ChangeResult(BaseModel):
     bypass: tuple[str, ...] = ()  # paths around our forward chain (offload.py)
     request_id: str | None = None
     replayed: bool = False  # the answer of an earlier identical request (replay.py)
+    provisional: Provisional | None = None  # to be confirmed before its deadline
 
 
 class Status(BaseModel):
@@ -83,6 +84,10 @@ class Status(BaseModel):
     drift_repairs: int
     bypass: tuple[str, ...] = ()
     unresolved: tuple[str, ...] = ()  # management hostnames whose lookup fails (resolve.py)
+    agent_version: str = ""
+    config_digest: str = ""  # which config the agent runs (config.config_digest)
+    provisional: Provisional | None = None
+    unconfirmed: str = ""
 
 
 class Phases:

@@ -26,6 +26,7 @@ from agent.errors import DrawbridgeError
 from agent.replay import RequestRef
 from agent.requests import (
     AllowRequest,
+    ConfirmRequest,
     ExtendRequest,
     IsolateRequest,
     Op,
@@ -33,6 +34,7 @@ from agent.requests import (
     RestoreRequest,
     RevokeRequest,
 )
+from agent.version import package_version
 from agent.wire import MAX_LINE_BYTES, PROTOCOL_VERSION, encode, read_lines
 
 log = logging.getLogger("drawbridge.rpc")
@@ -142,7 +144,9 @@ class Dispatcher:
         match env.op:
             case "ping":
                 NoArgs.model_validate(args)
-                return {"gateway": engine.config.gateway, "protocol": PROTOCOL_VERSION}
+                return {"gateway": engine.config.gateway, "protocol": PROTOCOL_VERSION,
+                        "version": package_version(), "config_digest": engine.config_digest,
+                        "profiles": engine.config.profile_names()}
             case "status":
                 elements = StatusRequest.model_validate(args).elements
                 return engine.status(elements=elements).model_dump(mode="json")
@@ -159,6 +163,9 @@ class Dispatcher:
                 NoArgs.model_validate(args)
                 return {"gateway": engine.config.gateway,
                         "exceptions": engine.list_exceptions()}
+            case "confirm":
+                return engine.confirm(ConfirmRequest.model_validate(args),
+                                      env.ref()).model_dump(mode="json")
             case "extend":
                 return engine.extend(ExtendRequest.model_validate(args),
                                      env.ref()).model_dump(mode="json")

@@ -56,6 +56,23 @@ class VerificationResult(BaseModel):
     detail: tuple[str, ...] = ()
 
 
+class Provisional(BaseModel):
+    """A change not yet confirmed (commit-confirmed), and what happens if nobody confirms
+    it before the deadline. A rollback never opens the gateway: an isolate of an open
+    gateway is kept (and reported unconfirmed), a restore is isolated again."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    action: str
+    request_id: str | None = None
+    started_at: float
+    deadline: float
+    back_to_profile: str | None = None  # isolate again with this profile
+    keep: bool = False  # nothing closed to go back to: stay, and say so
+    revoke_exception: str | None = None  # an exception opened provisionally
+    config_digest: str | None = None  # a reload: the config to return to (the daemon's)
+
+
 class DesiredState(BaseModel):
     """`profile=None` means open: no table of ours in the kernel."""
 
@@ -69,6 +86,8 @@ class DesiredState(BaseModel):
     exceptions: tuple[ExceptionEntry, ...] = ()
     generation: int = 0
     verification: VerificationResult = VerificationResult()
+    provisional: Provisional | None = None
+    unconfirmed: str = ""  # a fail-closed change that nobody confirmed, kept
 
     @property
     def isolated(self) -> bool:

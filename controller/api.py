@@ -21,17 +21,21 @@ from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from controller.audit import HistoryQuery, VerifyReport
+from controller.api_audit import audit_router
+from controller.api_deps import Admin, Operator, Viewer, client_address
+from controller.api_plans import plans_router
+from controller.audit import HistoryQuery
 from controller.auth import Principal, Role, TokenInfo
 from controller.errors import ControllerError, InputError, Unauthorized
 from controller.fleet import GatewayResult
+from controller.plan_service import PlanStatus
 from controller.schemas import (
     AllowBody,
     CommandResult,
@@ -43,7 +47,6 @@ from controller.schemas import (
     Health,
     HistoryResponse,
     IsolateBody,
-    PlanResult,
     ProbeBody,
     RestoreBody,
     RevokeBody,
@@ -58,7 +61,7 @@ from controller.web.loading import VerifyCache, WindowTooLarge
 from controller.web.report_formats import FORMATS
 from controller.web.routes import UiDeps, report_response, ui_router
 from controller.web.session import new_secret
-from controller.web.sources import AuditPlanSource, NoCheckpoints
+from controller.web.sources import DbCheckpointSource, DbPlanSource
 from controller.web.templating import make_env
 from controller.web.window import parse_window
 
@@ -105,6 +108,7 @@ class GateMiddleware:
         open_path = path in OPEN_PATHS or path == "/ui" or path.startswith("/ui/") or (
             path == "/metrics" and not self.ctl.config.api.metrics_require_token)
         principal: Principal | None = None
+        source = client_address(scope)
         if not open_path:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                        for k, v in scope.get("headers", [])}
@@ -112,14 +116,15 @@ class GateMiddleware:
             token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
             try:
                 principal = await anyio.to_thread.run_sync(
-                    lambda: self.ctl.authenticate(token, path=f"{method} {path}"))
+                    lambda: self.ctl.authenticate(token, path=f"{method} {path}",
+                                                  source=source))
             except Unauthorized as exc:
                 await _error(401, exc.code, exc.message)(scope, receive, send)
                 return
             scope.setdefault("state", {})["principal"] = principal
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._too_large(principal, method, path, scope, receive, send)
+            await self._too_large(principal, source, method, path, scope, receive, send)
             return
         # Read the whole body here (it is small by contract) so that an oversize one is
         # refused before any route sees a byte of it, whether or not it was declared.
@@ -132,7 +137,8 @@ class GateMiddleware:
             body += message.get("body", b"")
             more = bool(message.get("more_body", False))
             if len(body) > self.limit:
-                await self._too_large(principal, method, path, scope, receive, send)
+                await self._too_large(principal, source, method, path, scope, receive,
+                                      send)
                 return
         replayed = False
 
@@ -145,35 +151,12 @@ class GateMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, principal: Principal | None, method: str, path: str,
-                         scope: Scope, receive: Receive, send: Send) -> None:
+    async def _too_large(self, principal: Principal | None, source: str, method: str,
+                         path: str, scope: Scope, receive: Receive, send: Send) -> None:
         exc = ControllerError(f"the request body exceeds {self.limit} bytes", code="too_large")
         await anyio.to_thread.run_sync(
-            lambda: self.ctl.refused(principal, f"{method} {path}", exc))
+            lambda: self.ctl.refused(principal, f"{method} {path}", exc, source=source))
         await _error(413, exc.code, exc.message)(scope, receive, send)
-
-
-def _principal(request: Request) -> Principal:
-    principal = getattr(request.state, "principal", None)
-    if not isinstance(principal, Principal):  # only if the middleware is not installed
-        raise Unauthorized("not authenticated")
-    return principal
-
-
-def _needs(role: Role) -> Callable[[Request], Principal]:
-    def check(request: Request) -> Principal:
-        principal = _principal(request)
-        ctl: Controller = request.app.state.controller
-        path = request.url.path
-        what = {"GET": "reading"}.get(request.method, path.removeprefix("/v1/").split("/")[0])
-        ctl.require(principal, role, what, request=f"{request.method} {path}")
-        return principal
-    return check
-
-
-Viewer = Annotated[Principal, Depends(_needs(Role.viewer))]
-Operator = Annotated[Principal, Depends(_needs(Role.operator))]
-Admin = Annotated[Principal, Depends(_needs(Role.admin))]
 
 
 def _run_stream(ctl: Controller, run: Callable[[Emit], BaseModel]) -> StreamingResponse:
@@ -228,10 +211,13 @@ def create_app(ctl: Controller) -> FastAPI:
     )
     app.add_middleware(GateMiddleware, ctl=ctl)
     app.state.controller = ctl
-    ui = UiDeps(ctl=ctl, env=make_env(), secret=_ui_secret(ctl), plans=AuditPlanSource(ctl.audit),
-                checkpoints=NoCheckpoints(),
+    ui = UiDeps(ctl=ctl, env=make_env(), secret=_ui_secret(ctl),
+                plans=DbPlanSource(ctl.plans.store),
+                checkpoints=DbCheckpointSource(ctl.checkpoints.store),
                 verify=VerifyCache(ctl.verify_audit, ctl.audit.last_seq))
     app.include_router(ui_router(ui))
+    app.include_router(audit_router(ctl))
+    app.include_router(plans_router(ctl))
 
     @app.exception_handler(ControllerError)
     async def _controller_error(request: Request, exc: ControllerError) -> JSONResponse:
@@ -248,7 +234,8 @@ def create_app(ctl: Controller) -> FastAPI:
         refusal = InputError(message)
         await anyio.to_thread.run_sync(lambda: ctl.refused(
             principal if isinstance(principal, Principal) else None,
-            f"{request.method} {request.url.path}", refusal))
+            f"{request.method} {request.url.path}", refusal,
+            source=client_address(request.scope)))
         return _error(422, "bad_request", message, details)
 
     @app.exception_handler(StarletteHTTPException)
@@ -259,7 +246,8 @@ def create_app(ctl: Controller) -> FastAPI:
     def health() -> Health:
         return Health(status="ok", gateways=len(ctl.inventory.all()),
                       schema_version=ctl.db.schema_version(),
-                      audit_records=ctl.audit.last_seq())
+                      audit_records=ctl.audit.last_seq(),
+                      audit_alarm=ctl.audit.alarm.problem if ctl.audit.alarm else None)
 
     @app.get("/metrics", tags=["meta"], response_class=Response)
     def metrics() -> Response:
@@ -315,27 +303,21 @@ def create_app(ctl: Controller) -> FastAPI:
                                    args={"profile": body.profile}, emit=emit)
         return _run_stream(ctl, run) if _wants_stream(request) else run(lambda e: None)
 
-    @app.post("/v1/restore", response_model=CommandResult | PlanResult, tags=["commands"])
+    @app.post("/v1/restore", response_model=CommandResult | PlanStatus, tags=["commands"])
     def restore(body: RestoreBody, p: Admin, request: Request) -> Any:
-        gateways = ctl.select(p, body.targets, "restore")
+        """Restore now; with a `plan`: start that plan (stored and driven by the
+        controller, as POST /v1/plans) and answer with its state."""
         plan = body.plan
         if plan is not None:
-            try:
-                plan.window(body.from_stage, body.through_stage)
-            except ControllerError as exc:
-                ctl.refused(p, "restore", exc)
-                raise
+            return ctl.plans.start(p, body.targets, plan, reason=body.reason,
+                                   ticket=body.ticket, start=body.from_stage,
+                                   through=body.through_stage)
+        gateways = ctl.select(p, body.targets, "restore")
 
-            def run(emit: Emit) -> BaseModel:
-                assert plan is not None
-                return ctl.restore_plan(p, body.targets, plan, reason=body.reason,
-                                        ticket=body.ticket, start=body.from_stage,
-                                        through=body.through_stage, emit=emit)
-        else:
-            def run(emit: Emit) -> BaseModel:
-                return ctl.run_command(gateways, action="restore", op="restore", actor=p.user,
-                                       reason=body.reason, ticket=body.ticket, args={},
-                                       emit=emit)
+        def run(emit: Emit) -> BaseModel:
+            return ctl.run_command(gateways, action="restore", op="restore", actor=p.user,
+                                   reason=body.reason, ticket=body.ticket, args={},
+                                   emit=emit)
         return _run_stream(ctl, run) if _wants_stream(request) else run(lambda e: None)
 
     @app.post("/v1/allow", response_model=CommandResult, tags=["commands"])
@@ -405,10 +387,6 @@ def create_app(ctl: Controller) -> FastAPI:
             since=parse_when(since, now) if since else None,
             until=parse_when(until, now) if until else None)
         return HistoryResponse(records=ctl.history(query))
-
-    @app.get("/v1/audit/verify", response_model=VerifyReport, tags=["audit"])
-    def verify(p: Viewer) -> VerifyReport:
-        return ctl.verify_audit()
 
     @app.get("/v1/report", tags=["audit"], response_class=Response,
              responses={200: {"content": {m: {} for m in FORMATS.values()}}})

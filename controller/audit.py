@@ -1,243 +1,291 @@
-"""The audit log: append-only events chained by keyed hash, and their verification.
+"""The audit log: append-only records chained by keyed hash, held to a head kept off the
+database, and their verification.
 
-Each record commits to the one before it:
+Records and their hashes are in controller/audit_records.py, the head file and the
+comparison with it in controller/audit_head.py, verification in
+controller/audit_verify.py. This module writes and reads the chain:
 
-    hash(n) = HMAC-SHA256(key, canonical(seq, time, actor, action, outcome, targets,
-                                         reason, ticket, command_id, detail, hash(n-1)))
-
-so editing a record breaks its own hash, and deleting, inserting or moving a
-record breaks the link of the record after it. The key lives in a file in the
-controller's state dir, not in the database: whoever can write to the database
-(a PostgreSQL admin, a restored backup) cannot re-hash the chain after an edit.
-A head file next to the key remembers the last record written, so cutting
-records off the end is detected too.
-
-`verify()` walks the chain in `seq` order and names the first bad record.
+- every append reads the chain's tail under the audit lock (PostgreSQL: an advisory
+  lock, so several controllers append to one chain) and compares it with the head
+  the controller wrote (in memory and in the head file, whichever is further): a
+  shorter or different chain, or a lost head file, is a tamper alarm. The alarm is
+  recorded (at the database's end; the head file keeps the evidence), counted, and
+  every further write is refused until an admin acknowledges it;
+- a record is committed (SQLite synchronous=FULL; PostgreSQL's default, durable
+  commit) and the head written and fsynced before the caller hears "ok".
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import hashlib
-import hmac
 import json
-import os
-import secrets
+import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict
+from sqlalchemy.engine import Connection
 
+from controller.audit_head import EMPTY, Head, HeadFile, HeadUnreadable, compare_head
+from controller.audit_records import (
+    GENESIS,
+    AuditEvent,
+    AuditKey,
+    AuditRecord,
+    HistoryQuery,
+    canonical_json,
+    format_time,
+    record_from_row,
+    record_hash,
+)
+from controller.audit_verify import CheckpointClaim, VerifyReport, verify_chain, verify_segment
 from controller.db import Database, storable_text
-from controller.errors import ConfigError, StorageError
+from controller.errors import AuditTampered, Conflict, StorageError
 
-GENESIS = "0" * 64
-CHAIN_FORMAT = 1
+__all__ = ["ACK_ACTION", "ALARM_ACTION", "GENESIS", "AuditEvent", "AuditKey", "AuditLog",
+           "AuditRecord", "HistoryQuery", "TamperAlarm", "VerifyReport", "canonical_json",
+           "format_time", "record_hash"]
+
+log = logging.getLogger("drawbridge.controller.audit")
 _CHUNK = 1000
-
-
-def canonical_json(value: Any) -> str:
-    """The one JSON spelling hashed and stored: sorted keys, no spaces, UTF-8 text."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      default=str)
-
-
-def record_hash(key: bytes, *, seq: int, ts_us: int, actor: str, action: str, outcome: str,
-                targets: str, reason: str, ticket: str | None, command_id: str | None,
-                detail: str, prev_hash: str) -> str:
-    """The chain hash of one record, over the values exactly as stored."""
-    payload = json.dumps(
-        [CHAIN_FORMAT, seq, ts_us, actor, action, outcome, targets, reason, ticket, command_id,
-         detail, prev_hash],
-        ensure_ascii=False, separators=(",", ":"),
-    )
-    return hmac.new(key, payload.encode("utf-8"), hashlib.sha256).hexdigest()
-
-
-def format_time(ts_us: int) -> str:
-    return dt.datetime.fromtimestamp(ts_us / 1e6, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+ALARM_ACTION = "audit.tamper_alarm"
+ACK_ACTION = "audit.acknowledged"
 
 
 @dataclass(frozen=True)
-class AuditEvent:
-    """What happened, before it gets its place in the chain."""
+class TamperAlarm:
+    """The chain does not hold the head the controller wrote."""
 
-    actor: str
-    action: str
-    outcome: str
-    reason: str = ""
-    targets: tuple[str, ...] = ()
-    ticket: str | None = None
-    command_id: str | None = None
-    detail: Mapping[str, Any] = field(default_factory=dict)
+    problem: str
+    expected: Head | None  # the head the controller trusted
+    found: Head | None  # the database's last record when it was seen
+    since: float
 
-
-class AuditRecord(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    seq: int
-    time: str
-    ts_us: int
-    actor: str
-    action: str
-    outcome: str
-    targets: list[str]
-    reason: str
-    ticket: str | None
-    command_id: str | None
-    detail: dict[str, Any]
-    prev_hash: str
-    hash: str
-
-    def label(self) -> str:
-        """How a person names this record: '#17 (2025-07-23T10:01:02Z, isolate by alice)'."""
-        return f"#{self.seq} ({self.time[:19]}Z, {self.action} by {self.actor})"
+    def detail(self) -> dict[str, Any]:
+        def head(h: Head | None) -> dict[str, Any] | None:
+            return {"seq": h.seq, "hash": h.hash} if h else None
+        return {"problem": self.problem, "expected": head(self.expected),
+                "found": head(self.found), "since": self.since}
 
 
-class VerifyReport(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    ok: bool
-    records: int
-    last_seq: int | None = None
-    first_bad_seq: int | None = None
-    problem: str | None = None
-    bad_record: AuditRecord | None = None
+AlarmHook = Callable[[TamperAlarm | None], None]
 
 
-@dataclass(frozen=True)
-class HistoryQuery:
-    gateway: str | None = None
-    since: float | None = None
-    until: float | None = None
-    actor: str | None = None
-    action: str | None = None
-    command_id: str | None = None
-    limit: int = 1000
-
-
-class AuditKey:
-    """The chain key: 32 random bytes in a 0600 file, created on first use."""
-
-    def __init__(self, key: bytes) -> None:
-        self.key = key
-
-    @classmethod
-    def load_or_create(cls, path: Path) -> AuditKey:
-        try:
-            text = path.read_text(encoding="ascii").strip()
-        except FileNotFoundError:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            text = secrets.token_hex(32)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:  # created concurrently: use theirs
-                return cls.load_or_create(path)
-            with os.fdopen(fd, "w", encoding="ascii") as fh:
-                fh.write(text + "\n")
-        except OSError as exc:
-            raise ConfigError(f"cannot read audit key {path}: {exc.strerror}") from None
-        try:
-            key = bytes.fromhex(text)
-        except ValueError:
-            raise ConfigError(f"audit key {path} is not hex; it must be 64 hex digits") from None
-        if len(key) < 16:
-            raise ConfigError(f"audit key {path} is too short (need at least 16 bytes)")
-        return cls(key)
-
-
-HEAD_FORMAT = "{seq:020d} {digest}\n"  # fixed width: rewritten in place, never truncated
-
-
-def _write_head(path: Path, seq: int, digest: str) -> None:
-    """One small positional write per record (cheaper than write + rename; a record
-    this size within one page is not torn by a crash of this process)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        os.pwrite(fd, HEAD_FORMAT.format(seq=seq, digest=digest).encode("ascii"), 0)
-    finally:
-        os.close(fd)
-
-
-def _read_head(path: Path) -> tuple[int, str] | None:
-    try:
-        seq_text, digest = path.read_text(encoding="ascii").split()
-        return int(seq_text), digest
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return (-1, "")
+def _no_hook(alarm: TamperAlarm | None) -> None:
+    del alarm
 
 
 class AuditLog:
-    def __init__(self, db: Database, key: AuditKey, *, head_path: Path | None = None) -> None:
+    def __init__(self, db: Database, key: AuditKey, *, head_path: Path | None = None,
+                 on_alarm: AlarmHook = _no_hook, clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.key = key.key
-        self.head_path = head_path
+        self.head_file = HeadFile(head_path) if head_path is not None else None
         self.table = db.schema.audit_log
+        self.on_alarm = on_alarm
+        self.clock = clock
         self._lock = threading.Lock()
-        self._tail: tuple[int, str] | None = None  # (seq, hash) of the last record written
+        self._expected: Head | None = None  # the last head this controller wrote or read
+        self._alarm: TamperAlarm | None = None
+
+    @property
+    def head_path(self) -> Path | None:
+        return self.head_file.path if self.head_file is not None else None
+
+    @property
+    def alarm(self) -> TamperAlarm | None:
+        return self._alarm
+
+    # -- the head guard ------------------------------------------------------------------
+
+    def _tail(self, conn: Connection) -> Head | None:
+        t = self.table
+        last = conn.execute(sa.select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)
+                            ).first()
+        return Head(int(last.seq), str(last.hash)) if last else None
+
+    def _hash_at(self, conn: Connection, seq: int) -> str | None:
+        t = self.table
+        value = conn.execute(sa.select(t.c.hash).where(t.c.seq == seq)).scalar()
+        return str(value) if value is not None else None
+
+    def _trusted_head(self) -> tuple[Head | None, str | None]:
+        """The further of the head in memory and the one in the file (another process on
+        this state dir, e.g. `drawbridge-controller token create`, may have moved it);
+        or why there is none to trust."""
+        assert self.head_file is not None
+        try:
+            on_disk = self.head_file.read()
+        except HeadUnreadable as exc:
+            return None, str(exc)
+        mine = self._expected
+        if on_disk is None:
+            if mine is not None:
+                return None, (f"the head file {self.head_file.path} vanished while the "
+                              f"controller ran (the chain's head was {mine.label()})")
+            return None, None
+        if mine is not None and mine.seq >= on_disk.seq:
+            return mine, None
+        return on_disk, None
+
+    def _guard(self, conn: Connection, tail: Head | None) -> tuple[str | None, Head | None]:
+        """Why the chain may not be appended to (None: it may), and the trusted head."""
+        if self.head_file is None:
+            return None, None
+        expected, problem = self._trusted_head()
+        if problem is not None:
+            return problem, expected
+        if expected is None:
+            at = None
+        elif tail is not None and tail.seq == expected.seq:
+            at = tail.hash
+        else:
+            at = self._hash_at(conn, expected.seq)
+        return compare_head(expected, tail, at, head_file=f"the head file {self.head_file.path}"
+                            ), expected
+
+    def check_head(self) -> TamperAlarm | None:
+        """Compare the database with the head (at start); raise the alarm if it does not
+        hold it. Returns the alarm (also kept: writes are refused until acknowledged)."""
+        if self.head_file is None:
+            return None
+        with self._lock:
+            with self.db.begin() as conn:
+                self.db.serialise(conn, "audit")
+                tail = self._tail(conn)
+                problem, expected = self._guard(conn, tail)
+            if problem is None:
+                if expected is None:  # a new chain: the head file exists from now on
+                    self._advance(Head(*EMPTY))
+                else:
+                    self._expected = expected
+                return None
+            return self._raise_alarm(problem, expected, tail)
+
+    def _raise_alarm(self, problem: str, expected: Head | None,
+                     found: Head | None) -> TamperAlarm:
+        """Under self._lock. Record the alarm at the database's end (once per head it is
+        about: a restart that finds the same damage does not add another record); the
+        head file is left as it is, as the evidence."""
+        alarm = TamperAlarm(problem=problem, expected=expected, found=found,
+                            since=self.clock())
+        self._alarm = alarm
+        log.error("AUDIT TAMPER ALARM: %s; writes refused until an admin acknowledges "
+                  "(drawbridge audit acknowledge)", problem)
+        try:
+            with self.db.begin() as conn:
+                self.db.serialise(conn, "audit")
+                t = self.table
+                last = conn.execute(sa.select(t).order_by(t.c.seq.desc()).limit(1)).first()
+                previous = record_from_row(last._asdict()) if last is not None else None
+                if previous is None or previous.action != ALARM_ACTION or \
+                        previous.detail.get("expected") != alarm.detail()["expected"]:
+                    self._insert(conn, self._tail(conn), AuditEvent(
+                        actor="controller", action=ALARM_ACTION, outcome="alarm",
+                        reason=problem, detail=alarm.detail()))
+        except StorageError as exc:
+            log.error("could not record the tamper alarm in the audit log: %s", exc.message)
+        self.on_alarm(alarm)
+        return alarm
+
+    def _refusal(self) -> AuditTampered:
+        alarm = self._alarm
+        return AuditTampered(
+            "the audit log is held by a tamper alarm, so nothing is done that it would "
+            f"have to record: {alarm.problem if alarm else '?'}. An admin must look, then "
+            "acknowledge it: drawbridge audit acknowledge --reason ...")
+
+    def acknowledge(self, *, actor: str, reason: str, ticket: str | None = None
+                    ) -> AuditRecord:
+        """An admin accepts the chain as the database holds it now: recorded (what was
+        seen, by whom, why), the head moves to that record, writes resume."""
+        with self._lock:
+            alarm = self._alarm
+            if alarm is None:
+                raise Conflict("there is no tamper alarm to acknowledge")
+            with self.db.begin() as conn:
+                self.db.serialise(conn, "audit")
+                row = self._insert(conn, self._tail(conn), AuditEvent(
+                    actor=actor, action=ACK_ACTION, outcome="ok", reason=reason,
+                    ticket=ticket, detail={"alarm": alarm.detail()}))
+            self._advance(Head(row["seq"], row["hash"]))
+            self._alarm = None
+        log.warning("tamper alarm acknowledged by %s: %s", actor, reason)
+        self.on_alarm(None)
+        return record_from_row(row)
+
+    def raise_alarm(self, problem: str) -> TamperAlarm:
+        """A break found by someone else (e.g. the checks before a checkpoint)."""
+        with self._lock:
+            if self._alarm is not None:
+                return self._alarm
+            with self.db.begin() as conn:
+                tail = self._tail(conn)
+            return self._raise_alarm(problem, self._expected, tail)
+
+    def _advance(self, head: Head) -> None:
+        self._expected = head
+        if self.head_file is not None:
+            self.head_file.write(head)
 
     # -- writing ------------------------------------------------------------------------
 
-    def append(self, event: AuditEvent) -> AuditRecord:
-        """Add one record at the end of the chain (serialised; safe across threads, and
-        across controllers sharing one PostgreSQL database)."""
+    def _insert(self, conn: Connection, tail: Head | None, event: AuditEvent
+                ) -> dict[str, Any]:
         targets = canonical_json(list(event.targets))
         detail = canonical_json(dict(event.detail))
         # a reason may quote an error from a gateway: stored (and hashed) as both stores
         # can keep it; everything else here is validated or built by the controller
         event = dataclasses.replace(event, reason=storable_text(event.reason))
-        t = self.table
+        seq, prev = (tail.seq + 1, tail.hash) if tail else (1, GENESIS)
+        ts_us = time.time_ns() // 1000
+        digest = record_hash(
+            self.key, seq=seq, ts_us=ts_us, actor=event.actor, action=event.action,
+            outcome=event.outcome, targets=targets, reason=event.reason, ticket=event.ticket,
+            command_id=event.command_id, detail=detail, prev_hash=prev)
+        row: dict[str, Any] = {
+            "seq": seq, "ts_us": ts_us, "actor": event.actor, "action": event.action,
+            "outcome": event.outcome, "targets": targets, "reason": event.reason,
+            "ticket": event.ticket, "command_id": event.command_id, "detail": detail,
+            "prev_hash": prev, "hash": digest,
+        }
+        conn.execute(self.table.insert().values(**row))
+        return row
+
+    def append(self, event: AuditEvent) -> AuditRecord:
+        """Add one record at the end of the chain (serialised; safe across threads, and
+        across controllers sharing one PostgreSQL database); durable when it returns.
+        AuditTampered while a tamper alarm holds the log."""
         with self._lock:
+            if self._alarm is not None:
+                raise self._refusal()
+            problem: str | None = None
             for attempt in range(5):
                 try:
                     with self.db.begin() as conn:
-                        # PostgreSQL: other controllers may append to the same chain. Their
-                        # appends and ours take turns on an advisory lock held until commit,
-                        # and the tail is read under it (our cached one may be stale).
+                        # PostgreSQL: other controllers append to the same chain. Their
+                        # appends and ours take turns on an advisory lock held until
+                        # commit, and the tail is read under it.
                         self.db.serialise(conn, "audit")
-                        if self._tail is None or self.db.is_postgresql:
-                            last = conn.execute(
-                                sa.select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)
-                            ).first()
-                            self._tail = (int(last.seq), str(last.hash)) if last \
-                                else (0, GENESIS)
-                        seq, prev = self._tail[0] + 1, self._tail[1]
-                        ts_us = time.time_ns() // 1000
-                        digest = record_hash(
-                            self.key, seq=seq, ts_us=ts_us, actor=event.actor,
-                            action=event.action, outcome=event.outcome, targets=targets,
-                            reason=event.reason, ticket=event.ticket,
-                            command_id=event.command_id, detail=detail, prev_hash=prev)
-                        row: dict[str, Any] = {
-                            "seq": seq, "ts_us": ts_us, "actor": event.actor,
-                            "action": event.action, "outcome": event.outcome,
-                            "targets": targets, "reason": event.reason, "ticket": event.ticket,
-                            "command_id": event.command_id, "detail": detail,
-                            "prev_hash": prev, "hash": digest,
-                        }
-                        conn.execute(t.insert().values(**row))
-                    self._tail = (seq, digest)
+                        tail = self._tail(conn)
+                        problem, expected = self._guard(conn, tail)
+                        if problem is None:
+                            row = self._insert(conn, tail, event)
                     break
                 except StorageError as exc:
-                    # another process took this seq (SQLite has no advisory locks): read the
-                    # new tail, retry
-                    self._tail = None
+                    # another process took this seq (SQLite has no advisory locks): read
+                    # the new tail, retry
                     if not isinstance(exc.__cause__, sa.exc.IntegrityError) or attempt == 4:
                         raise
-            if self.head_path is not None:
-                try:
-                    _write_head(self.head_path, seq, digest)
-                except OSError as exc:
-                    raise StorageError(f"cannot write {self.head_path}: {exc.strerror}") from None
-        return _record(row)
+            if problem is not None:
+                self._raise_alarm(problem, expected, tail)
+                raise self._refusal()
+            self._advance(Head(row["seq"], row["hash"]))
+        return record_from_row(row)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -274,7 +322,7 @@ class AuditLog:
             where.append(t.c.targets.contains(json.dumps(q.gateway)))
         found: list[AuditRecord] = []
         for row in self._rows(where, descending=True):
-            rec = _record(row._asdict())
+            rec = record_from_row(row._asdict())
             if q.gateway and q.gateway not in rec.targets:
                 continue
             found.append(rec)
@@ -288,7 +336,21 @@ class AuditLog:
         t = self.table
         with self.db.begin() as conn:
             row = conn.execute(sa.select(t).where(t.c.seq == seq)).first()
-        return _record(row._asdict()) if row else None
+        return record_from_row(row._asdict()) if row else None
+
+    def tail(self) -> Head | None:
+        """The database's last record (seq, hash)."""
+        with self.db.begin() as conn:
+            return self._tail(conn)
+
+    def count_since(self, seq: int, *, exclude_actions: Sequence[str] = ()) -> int:
+        """Records after `seq`, except those of `exclude_actions`."""
+        t = self.table
+        stmt = sa.select(sa.func.count()).select_from(t).where(t.c.seq > seq)
+        if exclude_actions:
+            stmt = stmt.where(t.c.action.not_in(list(exclude_actions)))
+        with self.db.begin() as conn:
+            return int(conn.execute(stmt).scalar() or 0)
 
     def last_seq(self) -> int:
         with self.db.begin() as conn:
@@ -296,76 +358,36 @@ class AuditLog:
 
     # -- verification --------------------------------------------------------------------
 
-    def verify(self) -> VerifyReport:
-        """Walk the whole chain; the first record that does not hold is named."""
-        expected_seq, prev, count = 1, GENESIS, 0
-        hashes_at: dict[int, str] = {}
-        head = _read_head(self.head_path) if self.head_path is not None else None
-        for row in self._rows([]):
-            data = row._asdict()
-            rec = _record(data)
-            count += 1
-            if rec.seq != expected_seq:
-                missing = (f"#{expected_seq}" if rec.seq == expected_seq + 1
-                           else f"#{expected_seq} to #{rec.seq - 1}")
-                problem = (f"record {rec.label()} follows #{expected_seq - 1}: record {missing} "
-                           "is missing (deleted or renumbered)") if rec.seq > expected_seq else (
-                           f"record {rec.label()} appears where #{expected_seq} belongs: "
-                           "records were renumbered or duplicated")
-                return _bad(count, rec, problem)
-            if rec.prev_hash != prev:
-                return _bad(count, rec, (
-                    f"record {rec.label()} does not link to the record before it: a record "
-                    "was deleted, inserted or moved at this point (or this one was moved here)"))
-            fields = {k: data[k] for k in ("seq", "ts_us", "actor", "action", "outcome",
-                                           "targets", "reason", "ticket", "command_id",
-                                           "detail", "prev_hash")}
-            if not hmac.compare_digest(record_hash(self.key, **fields), rec.hash):
-                return _bad(count, rec, (
-                    f"record {rec.label()} was altered after it was written: its content "
-                    "does not match its hash"))
-            if head is not None and rec.seq == head[0]:
-                hashes_at[rec.seq] = rec.hash
-            prev, expected_seq = rec.hash, expected_seq + 1
-        last = expected_seq - 1
-        if head is not None:
-            head_seq, head_hash = head
-            if head_seq < 0:
-                return VerifyReport(ok=False, records=count, last_seq=last or None,
-                                    problem=f"the head file {self.head_path} is unreadable")
-            if head_seq > last:
-                gone = f"#{head_seq}" if head_seq == last + 1 else f"#{last + 1} to #{head_seq}"
-                return VerifyReport(
-                    ok=False, records=count, last_seq=last or None, first_bad_seq=last + 1,
-                    problem=(f"record {gone} is missing from the end of the log: the controller "
-                             f"wrote up to #{head_seq}, the database ends at #{last}"))
-            if head_seq and hashes_at.get(head_seq) != head_hash:
-                return VerifyReport(
-                    ok=False, records=count, last_seq=last or None, first_bad_seq=head_seq,
-                    problem=f"record #{head_seq} is not the record the controller wrote there")
-        return VerifyReport(ok=True, records=count, last_seq=last or None)
+    def head_state(self) -> tuple[Head | None, str | None]:
+        """The head file's head, or why there is none to hold the chain to."""
+        if self.head_file is None:
+            return None, None
+        try:
+            head = self.head_file.read()
+        except HeadUnreadable as exc:
+            return None, str(exc)
+        if head is None and self.last_seq() > 0:
+            return None, (f"the head file {self.head_file.path} is missing, but the log holds "
+                          "records: whether records were cut off the end cannot be told")
+        return head, None
 
+    def verify(self, checkpoints: Sequence[CheckpointClaim] = ()) -> VerifyReport:
+        """Walk the whole chain; the first record that does not hold is named; the head
+        file and every checkpoint given must agree with it."""
+        head, head_problem = self.head_state()
+        report = verify_chain((row._asdict() for row in self._rows([])), self.key, head=head,
+                              head_problem=head_problem, checkpoints=checkpoints)
+        alarm = self._alarm
+        if alarm is not None:
+            # the alarm says what was found first (a record cut off the end, say); the
+            # head comparison would only see the alarm's own record where the head was
+            problem = alarm.problem if report.bad_record is None else report.problem
+            report = report.model_copy(update={"ok": False, "alarm": alarm.problem,
+                                               "problem": problem})
+        return report
 
-def _bad(count: int, rec: AuditRecord, problem: str) -> VerifyReport:
-    return VerifyReport(ok=False, records=count, first_bad_seq=rec.seq, problem=problem,
-                        bad_record=rec)
-
-
-def _loads(text: Any, default: Any) -> Any:
-    try:
-        return json.loads(text)
-    except (TypeError, ValueError):
-        return default
-
-
-def _record(row: Mapping[str, Any]) -> AuditRecord:
-    targets = _loads(row["targets"], [])
-    detail = _loads(row["detail"], {})
-    return AuditRecord(
-        seq=int(row["seq"]), ts_us=int(row["ts_us"]), time=format_time(int(row["ts_us"])),
-        actor=row["actor"], action=row["action"], outcome=row["outcome"],
-        targets=[str(x) for x in targets] if isinstance(targets, list) else [str(targets)],
-        reason=row["reason"], ticket=row["ticket"], command_id=row["command_id"],
-        detail=detail if isinstance(detail, dict) else {"value": detail},
-        prev_hash=row["prev_hash"], hash=row["hash"],
-    )
+    def verify_since(self, start: Head | None) -> str | None:
+        """Check only the records after `start` (a head proven before, e.g. the last
+        checkpoint): each links to the one before and matches its keyed hash."""
+        where = [self.table.c.seq > start.seq] if start is not None else []
+        return verify_segment((row._asdict() for row in self._rows(where)), self.key, start)

@@ -49,6 +49,7 @@ class Principal:
     user: str
     role: Role
     token_id: str
+    source: str = "local"  # the client's address (API), "local" on the controller host
 
     def can(self, needed: Role) -> bool:
         return self.role >= needed

@@ -12,44 +12,52 @@ verified on at least one gateway (and none failed).
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import json
-import os
 import sys
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer.core import TyperGroup
 
 from agent.version import version_callback
-from controller.client import DEFAULT_URL, ApiClient, ClientError
-
-EXIT_FAILED, EXIT_INPUT, EXIT_AUTH, EXIT_CONTROLLER, EXIT_UNVERIFIED = 1, 2, 3, 4, 6
+from controller.cli_audit import audit_app
+from controller.cli_common import (
+    EXIT_CONTROLLER,
+    EXIT_FAILED,
+    EXIT_INPUT,
+    EXIT_UNVERIFIED,
+    AllOpt,
+    GroupOpt,
+    JsonOpt,
+    NamesArg,
+    ReasonOpt,
+    TicketOpt,
+    call,
+    client,
+    err,
+    exit_code_for,
+    fail,
+    out,
+    print_json,
+    targets,
+    when,
+)
+from controller.cli_plans import plan_app, restore_with_plan
+from controller.client import ClientError
 
 app = typer.Typer(help="Drawbridge: isolate and restore gateways fleet-wide, with proof.",
                   no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 gateway_app = typer.Typer(help="The gateway inventory.", no_args_is_help=True,
                           rich_markup_mode=None)
-audit_app = typer.Typer(help="The audit log.", no_args_is_help=True, rich_markup_mode=None)
 token_app = typer.Typer(help="API tokens (admin).", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(audit_app, name="audit")
 app.add_typer(token_app, name="token")
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="JSON output.")]
-ReasonOpt = Annotated[str, typer.Option(help="Why (kept in the audit log, sent to the gateway).")]
-TicketOpt = Annotated[str | None, typer.Option(help="Ticket id (optional).")]
-GroupOpt = Annotated[list[str] | None, typer.Option("--group", "-g",
-                                                    help="Every gateway in this group.")]
-AllOpt = Annotated[bool, typer.Option("--all", help="Every gateway in the inventory.")]
-NamesArg = Annotated[list[str] | None, typer.Argument(help="Gateway names.")]
+app.add_typer(plan_app, name="plan")
 
 
 @app.callback()
@@ -57,58 +65,6 @@ def main_options(_version: Annotated[bool, typer.Option(
         "--version", is_eager=True, callback=version_callback("drawbridge"),
         help="Print the version and exit.")] = False) -> None:
     """Drawbridge: isolate and restore gateways fleet-wide, with proof."""
-
-
-def print_json(data: Any) -> None:
-    """Plain JSON on stdout for scripts (no colours, no wrapping)."""
-    print(json.dumps(data, indent=2, sort_keys=False))
-
-
-def fail(message: str, code: int) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def exit_code_for(exc: ClientError) -> int:
-    if exc.status in (401, 403):
-        return EXIT_AUTH
-    if 400 <= exc.status < 500:
-        return EXIT_INPUT
-    return EXIT_CONTROLLER
-
-
-def client() -> ApiClient:
-    return ApiClient(os.environ.get("DRAWBRIDGE_URL", DEFAULT_URL),
-                     os.environ.get("DRAWBRIDGE_TOKEN"))
-
-
-def call(method: str, path: str, body: Any = None, **params: Any) -> Any:
-    api = client()
-    try:
-        if method == "GET":
-            return api.get(path, **params)
-        if method == "DELETE":
-            return api.delete(path, body)
-        return api.post(path, body)
-    except ClientError as exc:
-        fail(str(exc), exit_code_for(exc))
-    finally:
-        api.close()
-
-
-def targets(names: list[str] | None, groups: list[str] | None, all_: bool) -> dict[str, Any]:
-    if not names and not groups and not all_:
-        fail("say which gateways: NAME..., --group G or --all", EXIT_INPUT)
-    if all_ and (names or groups):
-        fail("--all cannot be combined with names or --group", EXIT_INPUT)
-    return {"gateways": names or [], "groups": groups or [], "all": all_}
-
-
-def when(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
 
 # -- commands with fan-out ---------------------------------------------------------------
 
@@ -180,22 +136,6 @@ def command_exit(commands: list[dict[str, Any]], stopped: bool = False) -> int:
 
 
 def finish(result: dict[str, Any], as_json: bool) -> NoReturn:
-    if "stages" in result:  # a restore plan
-        commands = [s["command"] for s in result["stages"] if s.get("command")]
-        if as_json:
-            print_json(result)
-        else:
-            for stage in result["stages"]:
-                if stage.get("command"):
-                    out.print(results_table(stage["command"]))
-                else:
-                    out.print(f"stage {stage['name']}: skipped ({stage.get('skipped')})",
-                              highlight=False)
-            if result.get("stopped"):
-                out.print(f"[bold red]plan stopped:[/] {result['stopped']}", highlight=False)
-            else:
-                out.print(f"plan {result['plan']!r} completed", highlight=False)
-        raise typer.Exit(command_exit(commands, bool(result.get("stopped"))))
     if as_json:
         print_json(result)
     else:
@@ -233,26 +173,23 @@ def restore(
     names: NamesArg = None,
     group: GroupOpt = None,
     all_: AllOpt = False,
-    plan: Annotated[Path | None, typer.Option(help="Restore plan (TOML): stages.")] = None,
+    plan: Annotated[Path | None, typer.Option(
+        help="Restore plan (TOML): stages. Starts the plan in the controller (as `plan "
+        "start`) and follows it until it is done, fails, or waits for a person.")] = None,
     from_stage: Annotated[str | None, typer.Option("--from", help="Start at this stage.")]
     = None,
     through: Annotated[str | None, typer.Option(help="Stop after this stage.")] = None,
     ticket: TicketOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Bring gateways back: fully, or stage by stage with --plan."""
+    """Bring gateways back: fully, or stage by stage with --plan (exit 7: the plan waits
+    for an approval or was paused; it carries on in the controller)."""
     body: dict[str, Any] = {"targets": targets(names, group, all_), "reason": reason,
                             "ticket": ticket}
     if plan is not None:
-        from controller.errors import ControllerError
-        from controller.plans import load_plan
-
-        try:
-            body["plan"] = load_plan(plan).model_dump(mode="json")
-        except ControllerError as exc:
-            fail(exc.message, EXIT_INPUT)
-        body["from_stage"], body["through_stage"] = from_stage, through
-    elif from_stage or through:
+        restore_with_plan(plan, body, from_stage=from_stage, through=through,
+                          as_json=as_json)
+    if from_stage or through:
         fail("--from and --through need --plan", EXIT_INPUT)
     finish(run_command("/v1/restore", body, as_json), as_json)
 
@@ -467,22 +404,6 @@ def history(
         table.add_row(str(r["seq"]), r["time"][:19].replace("T", " "), r["actor"], r["action"],
                       r["outcome"], gws, r["reason"], r["ticket"] or "")
     out.print(table)
-
-
-@audit_app.command("verify")
-def audit_verify(as_json: JsonOpt = False) -> None:
-    """Check the hash chain; name the first record that was edited, removed or moved."""
-    report = call("GET", "/v1/audit/verify")
-    if as_json:
-        print_json(report)
-    elif report["ok"]:
-        out.print(f"audit log intact: {report['records']} records, chain verified",
-                  highlight=False)
-    else:
-        out.print(f"[bold red]audit log FAILED verification[/] at record "
-                  f"#{report.get('first_bad_seq')}: {report['problem']}", highlight=False)
-    if not report["ok"]:
-        raise typer.Exit(EXIT_FAILED)
 
 
 REPORT_FORMATS = ("html", "pdf", "csv", "json")

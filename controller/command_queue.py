@@ -44,6 +44,7 @@ class QueuedCommand:
     accepted_by: str
     accepted_incarnation: str = ""
     audited: bool = True  # its outcome is recorded in the audit log (reads are not)
+    audit: str | None = None  # the hash of its `requested` audit record (in the envelope)
 
     def rpc_args(self) -> dict[str, Any]:
         """The request's arguments as the agent gets them."""
@@ -84,7 +85,8 @@ class CommandQueue:
             "op": command.op, "args": json.dumps(command.args, sort_keys=True),
             "actor": command.actor, "reason": command.reason, "ticket": command.ticket,
             "accepted_at": command.accepted_at, "accepted_by": command.accepted_by,
-            "accepted_incarnation": command.accepted_incarnation, "state": QUEUED,
+            "accepted_incarnation": command.accepted_incarnation, "audit": command.audit,
+            "state": QUEUED,
             "attempts": 0, "reported": not command.audited}) for name in gateways]
         if not rows:
             return []
@@ -269,4 +271,4 @@ def _command(row: Any) -> QueuedCommand:
                          args=json.loads(row.args), actor=row.actor, reason=row.reason,
                          ticket=row.ticket, accepted_at=float(row.accepted_at),
                          accepted_by=row.accepted_by,
-                         accepted_incarnation=row.accepted_incarnation)
+                         accepted_incarnation=row.accepted_incarnation, audit=row.audit)

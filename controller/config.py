@@ -75,11 +75,47 @@ class ExceptionSettings(_Model):
     operator_widest_prefix_v6: int = Field(default=48, ge=1, le=128)
 
 
+class ConfirmSettings(_Model):
+    """Commit-confirmed for the controller's own commands: each is sent with this
+    deadline (seconds) and confirmed by the controller as soon as the gateway's answer
+    arrives over the same session, so a change that cuts the controller off is rolled
+    back by the agent. Unset: final at once (as before)."""
+
+    isolate: int | None = Field(default=None, ge=5, le=86400)
+    restore: int | None = Field(default=None, ge=5, le=86400)
+    allow: int | None = Field(default=None, ge=5, le=86400)
+
+
 class PollSettings(_Model):
     enabled: bool = True
     interval_seconds: float = Field(default=15.0, gt=0, le=86400)
     # how long one gateway's status may take (a dead link is found sooner: ssh.alive_*)
     timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+
+
+class AuditSettings(_Model):
+    # A signed checkpoint of the chain's head is sent to every gateway's journal this
+    # often (and after every isolate and restore); 0: only after isolate and restore.
+    checkpoint_interval_seconds: float = Field(default=900.0, ge=0, le=7 * 86400)
+    # The Ed25519 key that signs checkpoints (created on first start, 0600); never in
+    # the database. Default: <state_dir>/checkpoint.key
+    checkpoint_key_file: Path | None = None
+    # Refused requests: the first per source (address, and user if known) and window
+    # is recorded at once, the rest of the window as one summary with a count.
+    refusal_window_seconds: float = Field(default=60.0, gt=0, le=86400)
+    refusal_max_sources: int = Field(default=1000, ge=1, le=1_000_000)
+
+
+class PlanSettings(_Model):
+    # Two-person rule for every stage that fully restores (restore = true), whatever
+    # the plan file says: a second admin approves it before it applies.
+    require_approval_for_restore: bool = False
+    # How often the plan driver looks at running plans.
+    interval_seconds: float = Field(default=2.0, gt=0, le=3600)
+    # A stage's probes are asked every probe_interval_seconds until they all pass; a
+    # stage whose probes have not passed within its probe_timeout (default below) fails.
+    probe_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+    probe_timeout_seconds: float = Field(default=300.0, gt=0, le=7 * 86400)
 
 
 class ReplicaSettings(_Model):
@@ -150,6 +186,9 @@ class ControllerConfig(_Model):
     fleet: FleetSettings = FleetSettings()
     poll: PollSettings = PollSettings()
     exceptions: ExceptionSettings = ExceptionSettings()
+    confirm: ConfirmSettings = ConfirmSettings()
+    audit: AuditSettings = AuditSettings()
+    plans: PlanSettings = PlanSettings()
     replicas: ReplicaSettings = ReplicaSettings()
     log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
 
@@ -164,6 +203,10 @@ class ControllerConfig(_Model):
     @property
     def audit_head_path(self) -> Path:
         return self.state_dir / "audit.head"
+
+    @property
+    def checkpoint_key_path(self) -> Path:
+        return self.audit.checkpoint_key_file or self.state_dir / "checkpoint.key"
 
     @property
     def instance_id_path(self) -> Path:

@@ -120,6 +120,16 @@ class Schema:
             sa.Column("host_key_seen", sa.String(80)),
             sa.Column("row_version", BigInt, nullable=False, server_default="0"),
         )
+        self.audit_checkpoints = sa.Table(
+            "audit_checkpoints", m,
+            sa.Column("seq", BigInt, primary_key=True, autoincrement=False),
+            *_checkpoint_columns(),
+        )
+        self.plans = sa.Table(
+            "plans", m,
+            sa.Column("plan_id", sa.String(32), primary_key=True),
+            *_plan_columns(),
+        )
         self.replicas = sa.Table("replicas", m, *_replica_columns())
         self.gateway_leases = sa.Table("gateway_leases", m, *_lease_columns())
         self.commands = sa.Table(
@@ -129,6 +139,33 @@ class Schema:
             sa.Index("ix_commands_state", "state"),
             sa.Index("ix_commands_reported", "reported"),
         )
+
+
+def _checkpoint_columns() -> list[sa.Column[Any]]:
+    return [
+        sa.Column("head_hash", sa.String(64), nullable=False),
+        sa.Column("ts_us", BigInt, nullable=False),
+        sa.Column("signature", sa.Text, nullable=False),
+        sa.Column("key_id", sa.String(32), nullable=False),
+        sa.Column("public_key", sa.Text, nullable=False),
+        sa.Column("anchored", sa.Text, nullable=False),  # JSON {gateway: "recorded" | why not}
+    ]
+
+
+def _plan_columns() -> list[sa.Column[Any]]:
+    return [
+        sa.Column("name", sa.String(200), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("actor", sa.String(128), nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("updated_at", sa.Float, nullable=False),
+        sa.Column("doc", sa.Text, nullable=False),  # JSON: controller.plan_machine.PlanDoc
+        # Who drives the plan now (controller instance id) and until when: claimed with
+        # SELECT ... FOR UPDATE SKIP LOCKED, so two controllers never drive one plan.
+        sa.Column("lease_owner", sa.String(64)),
+        sa.Column("lease_until", sa.Float),
+        sa.Column("row_version", BigInt, nullable=False, server_default="0"),
+    ]
 
 
 def _replica_columns() -> list[sa.Column[Any]]:
@@ -175,6 +212,7 @@ def _command_columns() -> list[sa.Column[Any]]:
         sa.Column("accepted_at", sa.Float, nullable=False),
         sa.Column("accepted_by", sa.String(64), nullable=False),
         sa.Column("accepted_incarnation", sa.String(32), nullable=False),
+        sa.Column("audit", sa.String(64)),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("claimed_by", sa.String(64)),
         sa.Column("claim_epoch", BigInt),
@@ -265,7 +303,35 @@ def _m2_row_version(op: Operations) -> None:
                   sa.Column("row_version", BigInt, nullable=False, server_default="0"))
 
 
-def _m3_replicas(op: Operations) -> None:
+def _m3_checkpoints_plans(op: Operations) -> None:
+    # Signed chain heads (the key that signs them is a file, never in the database) and
+    # durable restore plans, driven by the controller's scheduler.
+    op.create_table(
+        "audit_checkpoints",
+        sa.Column("seq", BigInt, primary_key=True, autoincrement=False),
+        sa.Column("head_hash", sa.String(64), nullable=False),
+        sa.Column("ts_us", BigInt, nullable=False),
+        sa.Column("signature", sa.Text, nullable=False),
+        sa.Column("key_id", sa.String(32), nullable=False),
+        sa.Column("public_key", sa.Text, nullable=False),
+        sa.Column("anchored", sa.Text, nullable=False),
+    )
+    op.create_table(
+        "plans",
+        sa.Column("plan_id", sa.String(32), primary_key=True),
+        sa.Column("name", sa.String(200), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("actor", sa.String(128), nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("updated_at", sa.Float, nullable=False),
+        sa.Column("doc", sa.Text, nullable=False),
+        sa.Column("lease_owner", sa.String(64)),
+        sa.Column("lease_until", sa.Float),
+        sa.Column("row_version", BigInt, nullable=False, server_default="0"),
+    )
+
+
+def _m4_replicas(op: Operations) -> None:
     # Controller replicas on one PostgreSQL database: heartbeats, gateway leases and the
     # command queue (controller/replicas.py).
     op.create_table(
@@ -302,6 +368,7 @@ def _m3_replicas(op: Operations) -> None:
         sa.Column("accepted_at", sa.Float, nullable=False),
         sa.Column("accepted_by", sa.String(64), nullable=False),
         sa.Column("accepted_incarnation", sa.String(32), nullable=False),
+        sa.Column("audit", sa.String(64)),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("claimed_by", sa.String(64)),
         sa.Column("claim_epoch", BigInt),
@@ -327,7 +394,8 @@ class Migration:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema: gateways, api_tokens, audit_log, gateway_state", _m1_initial),
     Migration(2, "gateway_state.row_version", _m2_row_version),
-    Migration(3, "replicas, gateway_leases, commands", _m3_replicas),
+    Migration(3, "audit_checkpoints; plans", _m3_checkpoints_plans),
+    Migration(4, "replicas, gateway_leases, commands", _m4_replicas),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
@@ -339,7 +407,10 @@ def _sqlite_pragmas(dbapi_conn: Any, record: Any) -> None:
     del record
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
+    # FULL: a commit is on disk (the WAL fsynced) before the caller hears "ok"; NORMAL
+    # may lose the last commits at a power cut, and an audit record acknowledged and
+    # then lost would look like a truncated chain.
+    cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
 

@@ -94,9 +94,18 @@ class AgentError(ControllerError):
     http_status = 502
 
 
+class AuditTampered(StorageError):
+    """The audit chain no longer holds the head the controller wrote (cut, replaced, or
+    the head file lost): writes are refused until an admin acknowledges the alarm."""
+
+    code = "audit_tamper_alarm"
+    http_status = 503
+
+
 class LeaseLost(ControllerError):
-    """This replica no longer holds the gateway's lease: the command was not sent here;
-    the replica holding the lease now carries it out (under the same command id)."""
+    """Another controller took over what this one held: the plan it was driving, or (a
+    replica) a gateway, whose command was then not sent here; the replica holding the
+    gateway now carries it out, under the same command id."""
 
     code = "lease_lost"
-    http_status = 503
+    http_status = 409

@@ -8,7 +8,7 @@ becomes a restore in all but name without an admin.
 
 from __future__ import annotations
 
-from agent.config import IPNetwork
+from agent.nettypes import IPNetwork
 from controller.auth import Principal, Role
 from controller.config import ExceptionSettings
 from controller.errors import Forbidden, InputError

@@ -136,20 +136,22 @@ class Fleet:
         timeout: float | None = None,
         accept: Callable[[Sequence[Gateway]], Sequence[Gateway]] | None = None,
         request_id: str | None = None,
+        audit: str | None = None,
     ) -> list[GatewayResult]:
         """Run `op` on every gateway; results in the order of `gateways`.
 
         `accept` runs while no other command can be accepted: it records the command
         and may drop gateways (e.g. a retry that a newer command made moot), so that
         acceptance order, turn order and the recorded intent always agree.
-        `request_id` is each request's envelope id (a mutating request's is the command
-        id, which the agent remembers: the same id again is answered, not applied)."""
+        `request_id` and `audit` go into each request's envelope (the command id and its
+        `requested` record's hash: the agent journals both with the change)."""
         futures: dict[Future[GatewayResult], int] = {}
         with self._accept:
             if accept is not None:
                 gateways = list(accept(gateways))
             for i, fut in enumerate(self.submit(gateways, op, args_for, after=after,
-                                                timeout=timeout, request_id=request_id)):
+                                                timeout=timeout, request_id=request_id,
+                                                audit=audit)):
                 futures[fut] = i
         results: list[GatewayResult | None] = [None] * len(gateways)
         for fut in as_completed(futures):
@@ -165,7 +167,7 @@ class Fleet:
     def submit(self, gateways: Sequence[Gateway], op: str,
                args_for: Callable[[Gateway], dict[str, Any]], *,
                after: ResultHook | None = None, timeout: float | None = None,
-               request_id: str | None = None,
+               request_id: str | None = None, audit: str | None = None,
                guard: Callable[[Gateway], None] | None = None,
                ) -> list[Future[GatewayResult]]:
         """Start `op` on every gateway, each in its turn (taken now, in the order given:
@@ -178,7 +180,7 @@ class Fleet:
             turn = link.turns.take()
             try:
                 fut = self._pool.submit(self._one, gw, link, turn, op, args_for(gw), after,
-                                        timeout, request_id, guard)
+                                        timeout, request_id, audit, guard)
             except Exception:
                 link.turns.cancel(turn)
                 raise
@@ -187,6 +189,7 @@ class Fleet:
 
     def _one(self, gw: Gateway, link: GatewayLink, turn: int, op: str, args: dict[str, Any],
              after: ResultHook | None, timeout: float | None, request_id: str | None = None,
+             audit: str | None = None,
              guard: Callable[[Gateway], None] | None = None) -> GatewayResult:
         started = time.perf_counter()
         with link.turns.turn(turn):
@@ -196,7 +199,8 @@ class Fleet:
                 except ControllerError as exc:
                     return failure(gw.name, op, exc, time.perf_counter() - started)
             try:
-                value = link.call(op, args, timeout=timeout, request_id=request_id)
+                value = link.call(op, args, timeout=timeout, request_id=request_id,
+                                  audit=audit)
                 res = classify(gw.name, op, value, time.perf_counter() - started)
             except (TransportError, AgentError) as exc:
                 res = failure(gw.name, op, exc, time.perf_counter() - started)

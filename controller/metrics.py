@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -94,6 +94,28 @@ class ControllerMetrics:
         self.polls = Counter(
             "drawbridge_controller_polls", "Status polls by result", ["result"],
             registry=self.registry)
+        self.refusals_aggregated = Counter(
+            "drawbridge_controller_refusals_aggregated",
+            "Refused requests counted into a summary record instead of one record each",
+            registry=self.registry)
+        self.audit_alarm = Gauge(
+            "drawbridge_controller_audit_tamper_alarm",
+            "1 while a tamper alarm holds the audit log (writes refused until an admin "
+            "acknowledges it)", registry=self.registry)
+        self.audit_alarms = Counter(
+            "drawbridge_controller_audit_tamper_alarms",
+            "Tamper alarms raised (the chain did not hold the head the controller wrote)",
+            registry=self.registry)
+        self.checkpoint_seq = Gauge(
+            "drawbridge_controller_audit_checkpoint_seq",
+            "The audit seq of the last signed checkpoint this controller made",
+            registry=self.registry)
+        self.checkpoint_misses = Counter(
+            "drawbridge_controller_audit_checkpoint_misses",
+            "Checkpoints a gateway did not record", ["gateway"], registry=self.registry)
+        self.plan_steps = Counter(
+            "drawbridge_controller_plan_steps", "Restore plan driver steps by kind",
+            ["step"], registry=self.registry)
 
     def attach(self, collector: Collector) -> None:
         self.registry.register(collector)

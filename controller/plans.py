@@ -2,9 +2,13 @@
 
 A plan is a TOML file of ordered stages. Each stage either moves its gateways
 to a less strict profile (one the agents know, e.g. a profile that opens the
-case-file service) or restores them fully. A stage runs only when every
-gateway of the stage before it applied and verified; the first failure stops
-the plan, and says where.
+case-file service) or restores them fully. A stage starts only when the stage
+before it is done: every gateway applied and verified, and every probe the stage
+names passed on each of them. A stage may have to be approved first, by a
+second admin. The first failure stops the plan, and says where.
+
+Plans are stored and driven by the controller (controller/plan_service.py,
+plan_machine.py, plan_driver.py); this module is the file.
 
     name = "reconnect after the NetScaler incident"
 
@@ -21,13 +25,20 @@ the plan, and says where.
     name = "everything else"
     restore = true
     pause = "30s"                  # optional: wait before this stage starts
+    gate = "approval"              # "auto" (default) or "approval": a second admin
+                                   # approves before the stage applies
+    probes = ["outside-web"]       # optional: must pass on each of its gateways
+    probe_timeout = "5m"           # optional: how long they may take to pass
+
+A stage may repeat the previous stage's profile on (some of) its gateways: it then
+changes nothing and is a pure checkpoint (its gate, its probes).
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -45,17 +56,23 @@ class Stage(BaseModel):
     gateways: tuple[Name, ...] = ()
     groups: tuple[Name, ...] = ()
     pause_seconds: int = Field(default=0, ge=0, le=7 * 24 * 3600)
+    gate: Literal["auto", "approval"] = "auto"
+    probes: tuple[Name, ...] = Field(default=(), max_length=32)
+    probe_timeout_seconds: int | None = Field(default=None, gt=0, le=7 * 24 * 3600)
 
     @model_validator(mode="before")
     @classmethod
-    def _pause(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "pause" in data:
-            data = dict(data)
-            pause = data.pop("pause")
-            try:
-                data["pause_seconds"] = parse_duration(str(pause))
-            except ValueError as exc:
-                raise ValueError(f"pause: {exc}") from None
+    def _durations(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key, field in (("pause", "pause_seconds"), ("probe_timeout", "probe_timeout_seconds")):
+            if key in data:
+                value = data.pop(key)
+                try:
+                    data[field] = parse_duration(str(value))
+                except ValueError as exc:
+                    raise ValueError(f"{key}: {exc}") from None
         return data
 
     @model_validator(mode="after")

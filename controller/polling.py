@@ -100,6 +100,8 @@ class Polls:
                            host_key_seen=link.host_key_seen or prev.host_key_seen):
                 self.record_events(gw, events_for_error(prev, error))
             return False
+        if status.provisional:  # a reload or a console change awaiting confirmation
+            ctl.confirm_provisional(gw, link, status.provisional)
         now = ctl.clock()
         ctl.metrics.polls.labels(result="ok").inc()
         ctl.host_key_bookkeeping(gw, link, None)

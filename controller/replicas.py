@@ -308,9 +308,11 @@ class Replicas:
             if cmd.op == POLL:  # a status poll asked for through the queue (`refresh`)
                 futures = [self.ctl.fleet.background(gw, self._poll) for gw in gateways]
             else:
+                mutating = cmd.op in CHANGE_OPS
                 futures = self.ctl.fleet.submit(
                     gateways, cmd.op, lambda gw: args, after=after, guard=self.guard,
-                    request_id=cmd.command_id if cmd.op in CHANGE_OPS else None)
+                    request_id=cmd.command_id if mutating else None,
+                    audit=cmd.audit if mutating else None)
         except Exception:
             with self._lock:
                 for c in rows:

@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from agent.config import Direction, Name, Network, PortRange, Proto, check_ports_fit_proto
+from agent.config import Name, Network, PortRange, check_ports_fit_proto
+from agent.nettypes import Direction, Proto
 from agent.requests import MAX_EXCEPTION_SECONDS, ExceptionId, Ticket
 from agent.text import FreeText, Reason
 from controller.audit import AuditRecord, VerifyReport
@@ -55,6 +56,35 @@ class RestoreBody(Mutating):
     plan: Plan | None = None
     from_stage: str | None = Field(default=None, max_length=100)
     through_stage: str | None = Field(default=None, max_length=100)
+
+
+class PlanStartBody(Mutating):
+    """A restore plan, stored and driven by the controller (`from_stage`/`through_stage`:
+    only that window of its stages)."""
+
+    targets: Targets
+    plan: Plan
+    from_stage: str | None = Field(default=None, max_length=100)
+    through_stage: str | None = Field(default=None, max_length=100)
+
+
+class PlanControlBody(Mutating):
+    """approve, pause, resume, abort: why (kept in the audit log)."""
+
+
+class AcknowledgeBody(Mutating):
+    """An admin accepts the chain as the database holds it now, after a tamper alarm."""
+
+
+class CheckpointFileBody(_Body):
+    source: str = Field(default="checkpoint file", max_length=500)  # e.g. its file name
+    content: dict[str, Any]
+
+
+class VerifyBody(_Body):
+    """Checkpoints (exported files) the chain must agree with."""
+
+    checkpoint_files: list[CheckpointFileBody] = Field(default_factory=list, max_length=100)
 
 
 class AllowBody(Mutating):
@@ -179,28 +209,6 @@ class CommandResult(BaseModel):
     duration_seconds: float
 
 
-class StageResult(BaseModel):
-    name: str
-    action: str
-    profile: str | None = None
-    gateways: list[str]
-    command: CommandResult | None = None
-    skipped: str | None = None
-
-
-class PlanResult(BaseModel):
-    plan_id: str
-    plan: str
-    actor: str
-    reason: str
-    ticket: str | None = None
-    targets: list[str]
-    stages: list[StageResult]
-    ok: bool
-    stopped: str | None = None
-    duration_seconds: float
-
-
 class HistoryResponse(BaseModel):
     records: list[AuditRecord]
 
@@ -216,6 +224,7 @@ class Health(BaseModel):
     gateways: int
     schema_version: int
     audit_records: int
+    audit_alarm: str | None = None  # a tamper alarm holds the audit log (writes refused)
 
 
 __all__ = ["AuditRecord", "VerifyReport"]  # re-exported: API response models

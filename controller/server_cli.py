@@ -4,7 +4,9 @@
     drawbridge-controller [--config PATH] token create --user U --role viewer|operator|admin
     drawbridge-controller [--config PATH] token list | token revoke ID
     drawbridge-controller [--config PATH] migrate
-    drawbridge-controller [--config PATH] audit verify
+    drawbridge-controller [--config PATH] audit verify [--checkpoint FILE]... [--json]
+    drawbridge-controller [--config PATH] audit acknowledge --reason R [--json]
+    drawbridge-controller [--config PATH] audit checkpoint export [-o FILE] [--json]
 
 Run on the controller host itself (it reads the database and the audit key
 directly); engineers use `drawbridge` against the API instead.
@@ -13,6 +15,7 @@ directly); engineers use `drawbridge` against the API instead.
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import os
 import socket
@@ -117,17 +120,19 @@ def serve(ctx: typer.Context, listen: Annotated[str | None, typer.Option(
         logging.getLogger("drawbridge.controller").info(
             "replica %s: holds %d gateway(s)", ctl.replicas.me.replica_id,
             len(ctl.replicas.held()))
-    poller = Poller(ctl, config.poll.interval_seconds) if config.poll.enabled else None
-    if poller is not None:
-        poller.start()
+    if ctl.audit.alarm is not None:
+        err.print(f"[bold red]AUDIT TAMPER ALARM:[/] {ctl.audit.alarm.problem}\n"
+                  "Serving (reads only); writes are refused until an admin acknowledges: "
+                  "drawbridge audit acknowledge --reason ...", highlight=False)
+    jobs = Poller(ctl, config.poll.interval_seconds, polls=config.poll.enabled)
+    jobs.start()
     try:
         uvicorn.run(create_app(ctl), host=host, port=port, log_level=config.log_level,
                     access_log=config.log_level == "debug", timeout_graceful_shutdown=5,
                     ssl_certfile=str(config.api.tls_cert) if tls else None,
                     ssl_keyfile=str(config.api.tls_key) if tls else None)
     finally:
-        if poller is not None:
-            poller.stop()
+        jobs.stop()
         ctl.close()
 
 
@@ -204,15 +209,102 @@ def token_revoke(ctx: typer.Context, token_id: str,
 
 
 @audit_app.command("verify")
-def audit_verify(ctx: typer.Context) -> None:
-    """Check the audit chain directly in the database."""
+def audit_verify(
+    ctx: typer.Context,
+    checkpoint: Annotated[list[Path] | None, typer.Option(
+        help="A checkpoint file (from `audit checkpoint export`); repeatable.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+) -> None:
+    """Check the audit chain directly in the database (and against checkpoint files)."""
+    from controller.checkpoint_keys import claims_from, parse_checkpoint_file
+
     ctl = _open(ctx)
-    report = ctl.verify_audit()
-    ctl.close()
-    if report.ok:
-        out.print(f"audit log intact: {report.records} records")
+    try:
+        claims = []
+        for path in checkpoint or []:
+            public, cps = parse_checkpoint_file(_read_json(path), str(path))
+            claims += claims_from(cps, source=str(path), file_public=public,
+                                  controller_public=ctl.checkpoints.key.public_raw)
+        report = ctl.verify_audit(claims)
+    except ControllerError as exc:
+        fail(exc.message, 2)
+    finally:
+        ctl.close()
+    if as_json:
+        print(report.model_dump_json(indent=2))
+    elif report.ok:
+        out.print(f"audit log intact: {report.records} records, "
+                  f"{len(report.checkpoints)} checkpoint(s) agree", highlight=False)
+    else:
+        err.print(f"[bold red]audit log FAILED verification:[/] {report.problem}",
+                  highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror}", 2)
+    except ValueError as exc:
+        fail(f"{path}: not JSON: {exc}", 2)
+
+
+@audit_app.command("acknowledge")
+def audit_acknowledge(
+    ctx: typer.Context,
+    reason: Annotated[str, typer.Option(help="What was found, and why the chain as it is "
+                                             "now is accepted (kept in the audit log).")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+) -> None:
+    """After a tamper alarm: accept the chain as the database holds it now (recorded, with
+    what the alarm saw); writes resume. Exit 1 if there is no alarm."""
+    ctl = _open(ctx)
+    try:
+        rec = ctl.audit.acknowledge(actor=console_actor(), reason=reason)
+    except ControllerError as exc:
+        fail(exc.message, 1)
+    finally:
+        ctl.close()
+    if as_json:
+        print(rec.model_dump_json(indent=2))
+    else:
+        out.print(f"alarm acknowledged: record #{rec.seq}", highlight=False)
+
+
+checkpoint_app = typer.Typer(help="Signed checkpoints of the audit chain.",
+                             no_args_is_help=True, rich_markup_mode=None)
+audit_app.add_typer(checkpoint_app, name="checkpoint")
+
+
+@checkpoint_app.command("export")
+def checkpoint_export(
+    ctx: typer.Context,
+    output: Annotated[Path | None, typer.Option("--output", "-o",
+                                                help="Write here (default: stdout).")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="With --output: say what was written, as JSON.")] = False,
+) -> None:
+    """Every signed checkpoint with the public key, as JSON (keep it off this host)."""
+    ctl = _open(ctx)
+    try:
+        exported = ctl.checkpoints.export()
+        text = exported.model_dump_json(indent=2)
+    finally:
+        ctl.close()
+    if output is None:
+        print(text)
         return
-    fail(f"audit log FAILED verification: {report.problem}", 1)
+    try:
+        output.write_text(text + "\n", encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror}", 2)
+    count = len(exported.checkpoints)
+    if as_json:
+        print(json.dumps({"output": str(output), "checkpoints": count}))
+    else:
+        out.print(f"wrote {count} checkpoint(s) to {output}", highlight=False)
 
 
 def main() -> None:

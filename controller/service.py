@@ -9,6 +9,7 @@ died in between.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import threading
@@ -21,8 +22,19 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from controller.audit import AuditEvent, AuditKey, AuditLog, AuditRecord, HistoryQuery, VerifyReport
+from controller.audit import (
+    AuditEvent,
+    AuditKey,
+    AuditLog,
+    AuditRecord,
+    HistoryQuery,
+    TamperAlarm,
+    VerifyReport,
+)
+from controller.audit_verify import CheckpointClaim
 from controller.auth import Principal, Role, TokenStore
+from controller.checkpoint_keys import CheckpointKey
+from controller.checkpoints import Checkpointer
 from controller.command_queue import QueuedCommand
 from controller.config import ControllerConfig
 from controller.db import Database
@@ -38,8 +50,9 @@ from controller.fleet import CHANGE_OPS, EXCEPTION_OPS, Fleet, GatewayResult
 from controller.inventory import Gateway, Inventory, parse_address
 from controller.lease_store import Me
 from controller.metrics import ControllerMetrics, FleetCollector
-from controller.plans import Plan
+from controller.plan_service import Plans
 from controller.polling import SYSTEM_ACTOR, Polls
+from controller.refusals import Refusal, RefusalAggregator
 from controller.replica import new_incarnation, replica_id
 from controller.replica_metrics import ReplicaCollector
 from controller.replicas import Replicas
@@ -47,8 +60,6 @@ from controller.schemas import (
     CommandResult,
     GatewayView,
     PendingView,
-    PlanResult,
-    StageResult,
     Targets,
 )
 from controller.states import GatewayState, Pending, StateStore
@@ -56,12 +67,13 @@ from controller.transport.link import GatewayLink, LinkRegistry, SessionFactory
 from controller.transport.protocol import AgentChange
 from controller.transport.ssh import AgentSession, load_private_key
 from controller.web.plan_metrics import PlanStageCollector
-from controller.web.sources import AuditPlanSource
+from controller.web.sources import DbPlanSource
 
 log = logging.getLogger("drawbridge.controller")
 
 Emit = Callable[[dict[str, Any]], None]
 STATE_OPS = ("isolate", "restore")
+CONFIRMED_OPS = ("isolate", "restore", "allow")  # may carry a confirmation deadline
 
 
 def _noop(event: dict[str, Any]) -> None:
@@ -102,6 +114,11 @@ class Controller:
         self.polls = Polls(self)
         self.metrics = ControllerMetrics()
         self._audit: AuditLog | None = None
+        self._checkpoints: Checkpointer | None = None
+        self._plans: Plans | None = None
+        self.refusals = RefusalAggregator(
+            self._record_refusal, window_seconds=config.audit.refusal_window_seconds,
+            max_sources=config.audit.refusal_max_sources, clock=clock)
         self._mismatch_reported: dict[str, str] = {}
         self._report_lock = threading.Lock()
         self._inflight: set[str] = set()  # commands accepted and not finished yet
@@ -127,9 +144,17 @@ class Controller:
             self.replicas.on_acquired = self.polls.poll_soon
             self.metrics.attach(ReplicaCollector(self.replicas))
         key = AuditKey.load_or_create(self.config.audit_key_path)
-        self._audit = AuditLog(self.db, key, head_path=self.config.audit_head_path)
+        signer = CheckpointKey.load_or_create(self.config.checkpoint_key_path)
+        self._audit = AuditLog(self.db, key, head_path=self.config.audit_head_path,
+                               on_alarm=self._on_alarm)
+        # the database against the head this controller wrote: a cut or replaced chain,
+        # or a lost head file, is an alarm here, before anything is appended
+        self._audit.check_head()
+        self._checkpoints = Checkpointer(self, signer)
         self.metrics.attach(FleetCollector(self._snapshot, self._audit.last_seq))
-        self.metrics.attach(PlanStageCollector(AuditPlanSource(self._audit).latest))
+        # the plan driver's lease holder is this controller's replica id
+        self._plans = Plans(self, replica_id(self.config))
+        self.metrics.attach(PlanStageCollector(DbPlanSource(self._plans.store).latest))
         return self
 
     @property
@@ -150,9 +175,20 @@ class Controller:
             self.replicas.start(api=api)
         return self
 
+    def _on_alarm(self, alarm: TamperAlarm | None) -> None:
+        self.metrics.audit_alarm.set(1 if alarm else 0)
+        if alarm is not None:
+            self.metrics.audit_alarms.inc()
+
     def close(self) -> None:
         if self.replicas is not None:
             self.replicas.stop(release=True)
+        if self._plans is not None:
+            self._plans.driver.shutdown()
+        if self._checkpoints is not None:
+            self._checkpoints.shutdown()
+        if self._audit is not None:
+            self.refusals.flush(everything=True)
         self.streams.shutdown(wait=False, cancel_futures=True)
         self.fleet.shutdown()
         self.links.close_all()
@@ -167,29 +203,49 @@ class Controller:
     def _snapshot(self) -> tuple[list[str], dict[str, GatewayState]]:
         return [g.name for g in self.inventory.all()], self.states.all()
 
+    @property
+    def checkpoints(self) -> Checkpointer:
+        if self._checkpoints is None:
+            raise ConfigError("the controller is not open (call open() first)")
+        return self._checkpoints
+
+    @property
+    def plans(self) -> Plans:
+        if self._plans is None:
+            raise ConfigError("the controller is not open (call open() first)")
+        return self._plans
+
     def record(self, event: AuditEvent) -> AuditRecord:
         return self.audit.append(event)
 
     # -- authentication and refusals -----------------------------------------------------
 
-    def authenticate(self, token: str | None, *, path: str = "") -> Principal:
+    def authenticate(self, token: str | None, *, path: str = "",
+                     source: str = "local") -> Principal:
         try:
-            return self.tokens.authenticate(token)
+            principal = self.tokens.authenticate(token)
         except ControllerError as exc:
-            self.refused(None, path, exc)
+            self.refused(None, path, exc, source=source)
             raise
+        return dataclasses.replace(principal, source=source)
 
     def refused(self, principal: Principal | None, what: str, exc: ControllerError,
-                *, detail: dict[str, Any] | None = None) -> None:
-        """Every refusal leaves a record: who (if known), what was asked, why not."""
+                *, detail: dict[str, Any] | None = None, source: str | None = None) -> None:
+        """Every refusal is counted and audited: the first of each source and window at
+        once (who if known, from where, what was asked, why not), the rest of the window
+        as one summary record (controller/refusals.py)."""
         self.metrics.refusals.labels(reason=exc.code).inc()
-        self.record(AuditEvent(
-            actor=principal.user if principal else "anonymous",
+        written = self.refusals.refused(Refusal(
+            source=source or (principal.source if principal else "local"),
+            user=principal.user if principal else None,
             action="auth.refused" if exc.code in ("unauthorized", "forbidden")
             else "request.refused",
-            outcome="refused", reason=exc.message,
-            detail={"request": what, "code": exc.code, **(detail or {})},
-        ))
+            request=what, code=exc.code, message=exc.message, detail=dict(detail or {})))
+        if not written:
+            self.metrics.refusals_aggregated.inc()
+
+    def _record_refusal(self, event: AuditEvent) -> None:
+        self.record(event)
 
     def require(self, principal: Principal, role: Role, what: str, *,
                 request: str | None = None) -> None:
@@ -367,31 +423,43 @@ class Controller:
                     emit: Emit = _noop, command_id: str | None = None,
                     detail: dict[str, Any] | None = None,
                     retry_of: Pending | None = None) -> CommandResult:
-        """Audit the intent, fan out, keep each gateway's state, audit the results."""
+        """Audit the intent, fan out, keep each gateway's state, audit the results.
+
+        The command id is the envelope id of every request it sends and the hash of its
+        `requested` record goes with it: the agent journals both with the change (so the
+        controller's story and the gateways' can be compared: controller/reconcile.py),
+        and a request sent again under the same id is answered, not applied again. A
+        retry of an undelivered change (`retry_of`) therefore keeps its command's id."""
+        if retry_of is not None:
+            command_id = retry_of.command_id
         command_id = command_id or _short_id()
         names = [g.name for g in gateways]
         started, t0 = self.clock(), time.perf_counter()
         extra = dict(detail or {})
         if retry_of is not None:
             extra.update(retry_of=retry_of.command_id, attempt=retry_of.attempts + 1)
-        self.record(AuditEvent(
+        requested = self.record(AuditEvent(
             actor=actor, action=action, outcome="requested", reason=reason, ticket=ticket,
             targets=tuple(names), command_id=command_id,
             detail={"op": op, "args": args, **extra}))
         with self._inflight_lock:
             self._inflight.add(command_id)
         try:
-            return self._fan_out(gateways, action=action, op=op, actor=actor, reason=reason,
-                                 ticket=ticket, args=args, emit=emit, command_id=command_id,
-                                 extra=extra, retry_of=retry_of, started=started, t0=t0)
+            result = self._fan_out(gateways, action=action, op=op, actor=actor,
+                                   reason=reason, ticket=ticket, args=args, emit=emit,
+                                   command_id=command_id, audit=requested.hash, extra=extra,
+                                   retry_of=retry_of, started=started, t0=t0)
         finally:
             with self._inflight_lock:
                 self._inflight.discard(command_id)
+        if op in STATE_OPS and any(r.ok for r in result.results):
+            self.checkpoints.request(f"after {action} {command_id}")
+        return result
 
     def _fan_out(self, gateways: Sequence[Gateway], *, action: str, op: str, actor: str,
                  reason: str, ticket: str | None, args: dict[str, Any], emit: Emit,
-                 command_id: str, extra: dict[str, Any], retry_of: Pending | None,
-                 started: float, t0: float) -> CommandResult:
+                 command_id: str, audit: str, extra: dict[str, Any],
+                 retry_of: Pending | None, started: float, t0: float) -> CommandResult:
         profile = args.get("profile") if op == "isolate" else None
 
         def accept(candidates: Sequence[Gateway]) -> Sequence[Gateway]:
@@ -416,6 +484,9 @@ class Controller:
         rpc_args = {**args, "reason": reason, "actor": actor}
         if op in CHANGE_OPS and ticket:
             rpc_args["ticket"] = ticket
+        deadline = getattr(self.config.confirm, op, None) if op in CONFIRMED_OPS else None
+        if deadline is not None:
+            rpc_args.setdefault("confirm_within_seconds", deadline)
         if op == "probe":
             rpc_args = {}
 
@@ -423,18 +494,21 @@ class Controller:
             return self.settle_result(gw, link, res, command_id=command_id, op=op,
                                       actor=actor, reason=reason)
 
+        mutating = op in CHANGE_OPS
+
         def on_result(r: GatewayResult) -> None:
             emit({"event": "result", "result": r.model_dump(mode="json")})
 
         if self.replicas is not None:
             results = self._queued(gateways, action=action, op=op, actor=actor, reason=reason,
                                    ticket=ticket, args=args, command_id=command_id,
-                                   retry_of=retry_of, started=started, emit=emit,
-                                   on_result=on_result)
+                                   audit=audit if mutating else None, retry_of=retry_of,
+                                   started=started, emit=emit, on_result=on_result)
         else:
             results = self.fleet.run(
                 gateways, op, lambda gw: rpc_args, after=after, accept=accept,
-                on_result=on_result, request_id=command_id if op in CHANGE_OPS else None)
+                on_result=on_result, request_id=command_id if mutating else None,
+                audit=audit if mutating else None)
         names = [r.gateway for r in results]
         counts = Counter(r.outcome for r in results)
         ok = all(r.ok for r in results)
@@ -465,7 +539,7 @@ class Controller:
 
     def _queued(self, gateways: Sequence[Gateway], *, action: str, op: str, actor: str,
                 reason: str, ticket: str | None, args: dict[str, Any], command_id: str,
-                retry_of: Pending | None, started: float, emit: Emit,
+                audit: str | None, retry_of: Pending | None, started: float, emit: Emit,
                 on_result: Callable[[GatewayResult], None]) -> list[GatewayResult]:
         """As a replica: queue the command for the gateways' lease holders and wait for
         their results (controller/replicas.py)."""
@@ -474,7 +548,7 @@ class Controller:
         command = QueuedCommand(command_id=command_id, action=action, op=op, args=args,
                                 actor=actor, reason=reason, ticket=ticket,
                                 accepted_at=started, accepted_by=me.replica_id,
-                                accepted_incarnation=me.incarnation)
+                                accepted_incarnation=me.incarnation, audit=audit)
         pending = Pending(
             command_id=command_id, action=action, op=op, args=args, actor=actor,
             reason=reason, ticket=ticket,
@@ -493,6 +567,12 @@ class Controller:
         """Runs on the fan-out thread, still holding the gateway's turn (as a replica: on
         the replica holding the gateway's lease): what the gateway said becomes its
         state; a change delivered (or refused for good) is no longer owed."""
+        if res.result and res.result.get("provisional"):
+            problem = self.confirm_provisional(gw, link, res.result["provisional"])
+            if problem is not None:
+                res = res.model_copy(update={"message": f"{res.message}; not confirmed "
+                                             f"({problem}): the agent rolls it back at its "
+                                             "deadline"})
         now = self.clock()
         self.host_key_bookkeeping(gw, link, res.error_code)
         changes: dict[str, Any] = {}
@@ -529,6 +609,25 @@ class Controller:
                 "message": res.message + " - will retry when the gateway answers"})
         return res
 
+    def confirm_provisional(self, gw: Gateway, link: GatewayLink,
+                            provisional: dict[str, Any]) -> str | None:
+        """The gateway answered over its management path, so that path works: make its
+        provisional change final (commit-confirmed). Not confirming leaves the agent to
+        roll it back at its deadline, which is what a change that cut us off needs.
+        Returns why it could not confirm, or None."""
+        request_id = provisional.get("request_id")
+        try:
+            link.call("confirm", {"request_id": request_id, "actor": SYSTEM_ACTOR,
+                                  "reason": "the controller reaches the gateway"})
+        except ControllerError as exc:
+            log.warning("%s: confirming %s failed: %s", gw.name, request_id, exc)
+            return exc.message
+        self.record(AuditEvent(actor=SYSTEM_ACTOR, action="confirm", outcome="ok",
+                               reason=f"{provisional.get('action')} confirmed: the controller "
+                                      "reaches the gateway", targets=(gw.name,),
+                               detail={"request_id": request_id}))
+        return None
+
     def host_key_bookkeeping(self, gw: Gateway, link: GatewayLink, code: str | None) -> None:
         """Audit a refused host key once per key seen; pin a key trusted on first use."""
         if code in ("host_key_mismatch", "host_key_unknown"):
@@ -555,88 +654,6 @@ class Controller:
                     actor=SYSTEM_ACTOR, action="hostkey.pinned", outcome="ok",
                     reason="trust on first use, as asked at 'gateway add'", targets=(gw.name,),
                     detail={"host_key": seen, "address": gw.address}))
-
-    # -- restore plans -------------------------------------------------------------------
-
-    def restore_plan(self, principal: Principal, targets: Targets, plan: Plan, *,
-                     reason: str, ticket: str | None, start: str | None = None,
-                     through: str | None = None, emit: Emit = _noop,
-                     sleep: Callable[[float], None] = time.sleep) -> PlanResult:
-        gateways = self.select(principal, targets, "restore")
-        try:
-            stages = plan.window(start, through)
-        except ControllerError as exc:
-            self.refused(principal, "restore", exc)
-            raise
-        plan_id, t0 = _short_id(), time.perf_counter()
-        names = [g.name for g in gateways]
-        self.record(AuditEvent(
-            actor=principal.user, action="restore.plan", outcome="requested", reason=reason,
-            ticket=ticket, targets=tuple(names), command_id=plan_id,
-            detail={"plan": plan.model_dump(mode="json"),
-                    "stages": [s.name for s in stages]}))
-        results: list[StageResult] = []
-        stopped: str | None = None
-        last_ids: dict[str, str] = {}
-        for stage in stages:
-            members = [g for g in gateways if stage.selects(g.name, g.groups)]
-            shown = [g.name for g in members]
-            if stopped is not None:
-                results.append(StageResult(name=stage.name, action=stage.action,
-                                           profile=stage.profile, gateways=shown,
-                                           skipped="not run: " + stopped))
-                continue
-            if not members:
-                results.append(StageResult(name=stage.name, action=stage.action,
-                                           profile=stage.profile, gateways=[],
-                                           skipped="no gateway of this command is in it"))
-                continue
-            emit({"event": "stage", "name": stage.name, "action": stage.action,
-                  "profile": stage.profile, "gateways": shown})
-            if stage.pause_seconds:
-                sleep(stage.pause_seconds)
-            superseded = self._superseded(members, last_ids)
-            if superseded:
-                stopped = superseded
-                results.append(StageResult(name=stage.name, action=stage.action,
-                                           profile=stage.profile, gateways=shown,
-                                           skipped="not run: " + stopped))
-                continue
-            cmd = self.run_command(
-                members, action="restore", op=stage.action, actor=principal.user,
-                reason=reason, ticket=ticket,
-                args={"profile": stage.profile} if stage.profile else {}, emit=emit,
-                detail={"plan": plan.name, "plan_id": plan_id, "stage": stage.name})
-            for g in members:
-                last_ids[g.name] = cmd.command_id
-            results.append(StageResult(name=stage.name, action=stage.action,
-                                       profile=stage.profile, gateways=shown, command=cmd))
-            if not cmd.ok:
-                bad = [r.gateway for r in cmd.results if not r.ok]
-                stopped = f"stage {stage.name!r} did not apply and verify on {', '.join(bad)}"
-        ok = stopped is None
-        duration = time.perf_counter() - t0
-        self.record(AuditEvent(
-            actor=principal.user, action="restore.plan", outcome="ok" if ok else "stopped",
-            reason=reason, ticket=ticket, targets=tuple(names), command_id=plan_id,
-            detail={"plan": plan.name, "stopped": stopped, "duration_seconds": round(duration, 3),
-                    "stages": [{"name": s.name, "command_id": s.command.command_id
-                                if s.command else None, "skipped": s.skipped,
-                                "ok": s.command.ok if s.command else None} for s in results]}))
-        return PlanResult(plan_id=plan_id, plan=plan.name, actor=principal.user, reason=reason,
-                          ticket=ticket, targets=names, stages=results, ok=ok, stopped=stopped,
-                          duration_seconds=duration)
-
-    def _superseded(self, members: Sequence[Gateway], last_ids: dict[str, str]) -> str | None:
-        """A plan stops if anyone else commanded one of its gateways since its last stage."""
-        for g in members:
-            mine = last_ids.get(g.name)
-            if mine is None:
-                continue
-            current = self.states.get(g.name).last_command_id
-            if current != mine:
-                return f"{g.name} received another command ({current}) while the plan ran"
-        return None
 
     # -- polling and retries (controller/polling.py) ----------------------------------------
 
@@ -665,8 +682,18 @@ class Controller:
     def history(self, query: HistoryQuery) -> list[AuditRecord]:
         return self.audit.query(query)
 
-    def verify_audit(self) -> VerifyReport:
-        return self.audit.verify()
+    def verify_audit(self, claims: Sequence[CheckpointClaim] = ()) -> VerifyReport:
+        """The whole chain against the head file, the database's own checkpoints and
+        `claims` (checkpoints from elsewhere, e.g. an exported file)."""
+        return self.audit.verify([*self.checkpoints.stored_claims(), *claims])
+
+    def acknowledge_alarm(self, principal: Principal, *, reason: str,
+                          ticket: str | None) -> AuditRecord:
+        """An admin accepts the chain as it is now (after looking): recorded, and
+        writes resume."""
+        self.require(principal, Role.admin, "acknowledging a tamper alarm",
+                     request="audit.acknowledge")
+        return self.audit.acknowledge(actor=principal.user, reason=reason, ticket=ticket)
 
     def create_token(self, *, user: str, role: Role, created_by: str, reason: str,
                      ticket: str | None = None, description: str = "") -> str:

@@ -18,8 +18,8 @@ changes of the live table (render_element_change), which keeps the counters.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-from agent.config import IPNetwork
 from agent.nft.rules import (
     ACCEPT_CHAIN,
     ANTISPOOF_PRIORITY,
@@ -31,7 +31,11 @@ from agent.nft.rules import (
     rules_for,
     set_name,
 )
-from agent.policy import FlowElement, Policy, collapse_networks
+from agent.policy import FlowElement, collapse_networks
+
+if TYPE_CHECKING:
+    from agent.nettypes import IPNetwork
+    from agent.policy import Policy
 
 TABLE = "drawbridge"
 FAMILY = "inet"

@@ -34,9 +34,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from agent.config import InfraFlow, IPNetwork
-from agent.policy import Policy
+if TYPE_CHECKING:
+    from agent.config import InfraFlow
+    from agent.nettypes import IPNetwork
+    from agent.policy import Policy
 
 CHAIN_PRIORITY = -10  # before the usual filter chains, so drop counters see every packet
 ANTISPOOF_PRIORITY = -300  # raw: before conntrack (-200), so spoofed packets leave no entry

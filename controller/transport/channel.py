@@ -63,13 +63,13 @@ class AgentChannel:
                 chan.close()
 
     def request(self, op: str, args: dict[str, Any], *, timeout: float | None = None,
-                request_id: str | None = None) -> Any:
+                request_id: str | None = None, audit: str | None = None) -> Any:
         """Send one request, return its result; AgentError if the agent refused it.
         `request_id`: the envelope id (a mutating request's is the controller's command
         id, which the agent remembers: the same id again is answered, not applied);
         otherwise this channel's nonce and a counter (never repeated)."""
         req = RpcRequest(id=request_id or f"c{self._nonce}-{next(self._ids)}", op=op,
-                         args=args)
+                         args=args, audit=audit)
         line = req.encode()
         if len(line) > MAX_REQUEST_BYTES:
             raise AgentError(f"{self.where}: request of {len(line)} bytes exceeds the "

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from controller.config import SshSettings
-from controller.errors import ControllerError, TransportError
+from controller.errors import AgentError, ControllerError, TransportError
 from controller.inventory import Gateway
 from controller.transport.ssh import AgentSession, Lane, SshTarget
 from controller.turns import TurnLock
@@ -35,7 +35,8 @@ class Session(Protocol):
     def connect(self) -> None: ...
 
     def request(self, op: str, args: dict[str, Any], *, timeout: float | None = None,
-                lane: Lane = "command", request_id: str | None = None) -> Any: ...
+                lane: Lane = "command", request_id: str | None = None,
+                audit: str | None = None) -> Any: ...
 
     def close(self) -> None: ...
 
@@ -91,6 +92,7 @@ class GatewayLink:
         self._lock = threading.Lock()
         self._connect_lock = threading.Lock()
         self._connect_attempts = 0
+        self.sends_audit = True  # False once the agent refused the envelope's `audit`
 
     @property
     def connected(self) -> bool:
@@ -164,13 +166,30 @@ class GatewayLink:
 
     def call(self, op: str, args: dict[str, Any], *, respect_backoff: bool = False,
              timeout: float | None = None, lane: Lane = "command",
-             request_id: str | None = None) -> Any:
+             request_id: str | None = None, audit: str | None = None) -> Any:
         """One request on the kept-open session, connecting first if needed. A session
-        that died while idle is replaced once, for idempotent requests."""
+        that died while idle is replaced once, for idempotent requests. An agent from
+        before the envelope's `audit` field refuses it (and applies nothing): it is
+        asked again without, and from then on."""
+        if not self.sends_audit:
+            audit = None
+        try:
+            return self._call(op, args, respect_backoff=respect_backoff, timeout=timeout,
+                              lane=lane, request_id=request_id, audit=audit)
+        except AgentError as exc:
+            if audit is None or exc.code != "bad_request" or "audit" not in exc.message:
+                raise
+        self.sends_audit = False
+        return self._call(op, args, respect_backoff=respect_backoff, timeout=timeout,
+                          lane=lane, request_id=request_id, audit=None)
+
+    def _call(self, op: str, args: dict[str, Any], *, respect_backoff: bool,
+              timeout: float | None, lane: Lane, request_id: str | None,
+              audit: str | None) -> Any:
         session, reused = self._open_session(respect_backoff)
         try:
             return session.request(op, args, timeout=timeout, lane=lane,
-                                   request_id=request_id)
+                                   request_id=request_id, audit=audit)
         except TransportError as exc:
             self._lost(session, exc)
             if not (reused and exc.code == "connection_lost" and op in IDEMPOTENT_OPS):
@@ -178,7 +197,7 @@ class GatewayLink:
         session, _ = self._open_session(respect_backoff=False)
         try:
             return session.request(op, args, timeout=timeout, lane=lane,
-                                   request_id=request_id)
+                                   request_id=request_id, audit=audit)
         except TransportError as exc:
             self._lost(session, exc)
             raise

@@ -25,9 +25,13 @@ class RpcRequest(BaseModel):
     id: str = Field(max_length=64, pattern=r"^[A-Za-z0-9._:-]*$")
     op: str = Field(pattern=r"^[a-z_]{1,32}$")
     args: dict[str, Any] = Field(default_factory=dict)
+    # the hash of the controller's audit record that ordered this request: the agent
+    # journals it with the change (left out when there is none: older agents refuse it)
+    audit: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
     def encode(self) -> bytes:
-        line = json.dumps(self.model_dump(), separators=(",", ":"), ensure_ascii=False)
+        line = json.dumps(self.model_dump(exclude_none=True), separators=(",", ":"),
+                          ensure_ascii=False)
         return line.encode("utf-8") + b"\n"
 
 
@@ -103,6 +107,9 @@ class AgentStatus(_Lenient):
     exceptions: list[dict[str, Any]] = Field(default_factory=list)
     generation: int = 0
     drift_repairs: int = 0
+    agent_version: str = ""
+    config_digest: str = ""
+    provisional: dict[str, Any] | None = None  # a change awaiting confirmation
 
 
 class AgentPing(_Lenient):

@@ -239,10 +239,12 @@ class AgentSession:
     # -- requests ------------------------------------------------------------------------
 
     def request(self, op: str, args: dict[str, Any], *, timeout: float | None = None,
-                lane: Lane = "command", request_id: str | None = None) -> Any:
+                lane: Lane = "command", request_id: str | None = None,
+                audit: str | None = None) -> Any:
         """Send one request on `lane`, return its result; AgentError if the agent
         refused it."""
-        return self._lane(lane).request(op, args, timeout=timeout, request_id=request_id)
+        return self._lane(lane).request(op, args, timeout=timeout, request_id=request_id,
+                                        audit=audit)
 
     def exchange(self, line: bytes, *, timeout: float | None = None,
                  lane: Lane = "command") -> RpcResponse:

@@ -94,7 +94,8 @@ def ui_router(deps: UiDeps) -> APIRouter:
         if not token:
             return RedirectResponse("/ui/login", status_code=303)
         try:
-            return ctl.authenticate(token, path=f"{request.method} {request.url.path}")
+            return ctl.authenticate(token, path=f"{request.method} {request.url.path}",
+                                    source=request.client.host if request.client else "unknown")
         except Unauthorized as exc:
             return login_page(request, status=401, error=exc.message, clear=True)
 
@@ -124,7 +125,8 @@ def ui_router(deps: UiDeps) -> APIRouter:
                               error="the login form expired or did not come from this page; "
                                     "try again")
         try:
-            ctl.authenticate(token or None, path="POST /ui/login")
+            ctl.authenticate(token or None, path="POST /ui/login",
+                             source=request.client.host if request.client else "unknown")
         except Unauthorized as exc:
             return login_page(request, status=401, error=exc.message)
         response = RedirectResponse("/ui/", status_code=303)

@@ -1,24 +1,25 @@
 """Where the page's plan progress and checkpoints come from, behind small protocols.
 
-Restore plans are recorded today only as audit records (`restore.plan`
-requested/ok/stopped, and one `restore` command per stage carrying
-`plan_id` and `stage`); `plans_from_audit` rebuilds their progress from those.
-When plans become durable database rows, a source reading them replaces
-`AuditPlanSource` without touching the page, the report or the metric.
-Checkpoints (signed chain heads) do not exist yet: `NoCheckpoints` says so.
+Restore plans are stored and driven by the controller (controller/plan_store.py):
+`DbPlanSource` shows them as the page, the report and the plan-stage metric want
+them. Checkpoints (signed chain heads, controller/checkpoints.py): the last one and
+where it was recorded, from `DbCheckpointSource`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from controller.audit import AuditLog, AuditRecord, HistoryQuery
+from controller.checkpoints import CheckpointStore
+from controller.plan_doc import PlanDoc, stage_label
+from controller.plan_store import PlanStore
 
-# Stage states, as the durable plans will name them (plus "skipped": no gateway in it).
+# Stage states in words (controller/plan_machine.py stage_label; "skipped": no gateway
+# of the plan is in it).
 STAGE_STATES = ("done", "running", "awaiting approval", "pending", "failed", "aborted",
-                "skipped")
+                "paused", "skipped")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class PlanView:
     reason: str
     ticket: str | None
     started_at: float
-    state: str  # running | done | failed
+    state: str  # running | paused | failed | done | aborting | aborted
     seq: int  # the record that started it
     stages: tuple[StageView, ...] = field(default=())
     end_seq: int | None = None
@@ -50,98 +51,39 @@ class PlanSource(Protocol):
         """Plans that started or ran within [since, until], oldest first."""
 
 
-def _stage_state(outcome: str) -> str:
-    return {"requested": "running", "ok": "done", "superseded": "aborted"}.get(outcome,
-                                                                             "failed")
+class DbPlanSource:
+    """Plans as the controller stores and drives them (controller/plan_store.py)."""
 
-
-def plans_from_audit(records: Sequence[AuditRecord]) -> list[PlanView]:
-    """Plan progress from `restore.plan` and stage records (pure)."""
-    plans: dict[str, PlanView] = {}
-    for rec in sorted(records, key=lambda r: r.seq):
-        plan_id = rec.command_id if rec.action == "restore.plan" else \
-            rec.detail.get("plan_id")
-        if not isinstance(plan_id, str):
-            continue
-        plan = plans.get(plan_id)
-        if plan is None:
-            name = rec.detail.get("plan")
-            name = name.get("name") if isinstance(name, dict) else name
-            plan = PlanView(plan_id=plan_id, name=str(name or "restore plan"),
-                            actor=rec.actor, reason=rec.reason, ticket=rec.ticket,
-                            started_at=rec.ts_us / 1e6, state="running", seq=rec.seq)
-        if rec.action == "restore.plan" and rec.outcome == "requested":
-            names = [str(s) for s in rec.detail.get("stages") or []]
-            plan = replace(plan, stages=tuple(StageView(n, "pending") for n in names))
-        elif rec.action == "restore.plan":
-            plan = _finished(plan, rec)
-        else:
-            plan = _stage(plan, rec)
-        plans[plan_id] = plan
-    return sorted(plans.values(), key=lambda p: p.seq)
-
-
-def _stage(plan: PlanView, rec: AuditRecord) -> PlanView:
-    name = str(rec.detail.get("stage"))
-    view = StageView(name, _stage_state(rec.outcome), tuple(rec.targets), rec.seq)
-    stages = list(plan.stages)
-    for i, old in enumerate(stages):
-        if old.name == name:
-            stages[i] = view
-            break
-    else:
-        stages.append(view)
-    return replace(plan, stages=tuple(stages))
-
-
-def _finished(plan: PlanView, rec: AuditRecord) -> PlanView:
-    stopped = rec.detail.get("stopped")
-    by_name = {s.name: s for s in plan.stages}
-    stages: list[StageView] = []
-    for item in rec.detail.get("stages") or []:
-        if not isinstance(item, dict):
-            continue
-        name = str(item.get("name"))
-        old = by_name.get(name, StageView(name, "pending"))
-        skipped = item.get("skipped")
-        if skipped:
-            state = "aborted" if str(skipped).startswith("not run") else "skipped"
-            old = replace(old, state=state, note=str(skipped))
-        elif item.get("ok") is False:
-            old = replace(old, state="failed")
-        elif item.get("ok"):
-            old = replace(old, state="done")
-        stages.append(old)
-    return replace(plan, stages=tuple(stages) or plan.stages,
-                   state="done" if rec.outcome == "ok" else "failed", end_seq=rec.seq,
-                   note=str(stopped or ""))
-
-
-class AuditPlanSource:
-    """Plans as the audit log tells them (today's only record of plans)."""
-
-    def __init__(self, audit: AuditLog, *, limit: int = 20_000) -> None:
-        self.audit = audit
+    def __init__(self, store: PlanStore, *, limit: int = 1000) -> None:
+        self.store = store
         self.limit = limit
 
     def plans(self, since: float, until: float) -> Sequence[PlanView]:
-        records = self.audit.query(HistoryQuery(since=since, until=until, action="restore",
-                                                limit=self.limit))
-        return plans_from_audit(records)
+        docs = [d for d in self.store.find(since=since, limit=self.limit)
+                if d.created_at <= until]
+        return [plan_view(d) for d in sorted(docs, key=lambda d: d.created_at)]
 
     def latest(self) -> PlanView | None:
         """The most recent plan, whenever it ran (for the plan-stage metric)."""
-        last = self.audit.query(HistoryQuery(action="restore.plan", limit=1))
-        if not last or last[-1].command_id is None:
-            return None
-        records = self.audit.query(HistoryQuery(command_id=last[-1].command_id, limit=1000))
-        stage_records = self.audit.query(HistoryQuery(
-            since=records[0].ts_us / 1e6 if records else None, action="restore",
-            limit=self.limit))
-        found = plans_from_audit([r for r in stage_records
-                                  if r.command_id == last[-1].command_id
-                                  or r.detail.get("plan_id") == last[-1].command_id])
-        return found[-1] if found else None
+        found = self.store.find(limit=1)
+        return plan_view(found[0]) if found else None
+
+
+def plan_view(doc: PlanDoc) -> PlanView:
+    """What the page, the report and the metric show of a stored plan (pure)."""
+    note = doc.note
+    if doc.state == "running" and doc.current < len(doc.stages):
+        stage = doc.stage(doc.current)
+        if stage.state == "awaiting approval":
+            note = note or f"stage {stage.name!r} awaits approval by a second admin"
+    return PlanView(
+        plan_id=doc.plan_id, name=doc.name, actor=doc.actor, reason=doc.reason,
+        ticket=doc.ticket, started_at=doc.created_at, state=doc.state, seq=doc.seq or 0,
+        stages=tuple(StageView(
+            name=s.name, state=stage_label(doc, s), gateways=tuple(s.gateways),
+            note=s.note or (f"approved by {s.approved_by}" if s.approved_by else ""))
+            for s in doc.stages),
+        note=note)
 
 
 @dataclass(frozen=True)
@@ -159,8 +101,18 @@ class CheckpointSource(Protocol):
         """The most recent checkpoint, None when there is none."""
 
 
-class NoCheckpoints:
-    """Checkpoints are not implemented yet: there is never one."""
+class DbCheckpointSource:
+    """The last signed checkpoint (controller/checkpoints.py) and where it was recorded."""
+
+    def __init__(self, store: CheckpointStore) -> None:
+        self.store = store
 
     def last(self) -> Checkpoint | None:
-        return None
+        found = self.store.last()
+        if found is None:
+            return None
+        cp = found.checkpoint
+        on = found.recorded_on
+        where = (f"signed with key {cp.key_id}; recorded on {len(on)} of {len(found.anchored)} "
+                 "gateway(s)" + (f": {', '.join(on)}" if 0 < len(on) <= 5 else ""))
+        return Checkpoint(seq=cp.seq, hash=cp.head_hash, at=cp.time, where=where)

@@ -200,9 +200,11 @@ class FleetRig:
     def write_controller_config(self, *, poll_interval: float = 2.0,
                                 parallelism: int = 64, poll: bool = True,
                                 database_url: str = "",
-                                ssh: dict[str, float | int | str] | None = None) -> None:
+                                ssh: dict[str, float | int | str] | None = None,
+                                extra_toml: str = "") -> None:
         """`database_url`: e.g. a drawbridge_lab.postgres server's (default SQLite);
-        `ssh`: keys of the [ssh] table to set or override."""
+        `ssh`: keys of the [ssh] table to set or override; `extra_toml`: more tables
+        (e.g. "[plans]\nprobe_interval_seconds = 1")."""
         self.controller_dir.mkdir(parents=True, exist_ok=True)
         self.database_url = database_url
         ssh_keys = {"connect_timeout": 5, "request_timeout": 120, "backoff_initial": 0.5,
@@ -227,6 +229,7 @@ parallelism = {parallelism}
 [poll]
 enabled = {"true" if poll else "false"}
 interval_seconds = {poll_interval}
+{extra_toml}
 """)
 
     def server_cli(self, *args: str) -> str:
@@ -276,6 +279,14 @@ interval_seconds = {poll_interval}
             except subprocess.TimeoutExpired:
                 os.killpg(self.controller.pid, signal.SIGKILL)
                 self.controller.wait(5)
+        self.controller = None
+
+    def kill_controller(self) -> None:
+        """SIGKILL the controller: no clean stop (like a crash, or a power cut of its
+        process); the next start_controller() finds what it left."""
+        if self.controller is not None and self.controller.poll() is None:
+            os.killpg(self.controller.pid, signal.SIGKILL)
+            self.controller.wait(10)
         self.controller = None
 
     def controller_log(self) -> str:

@@ -12,6 +12,9 @@ Run inside a namespace (``ip netns exec NS python rawwire.py ...``)::
                                   as it is, twice, through a raw socket: the kernel
                                   routes it and adds nothing, spoofed source included
                                   (--dev: the interface of link-local destinations)
+    rawwire.py blast SECONDS HEX...
+                                  send the packets over and over (every 5 ms) for SECONDS
+                                  (no error stops it: links may be down a while)
     rawwire.py pmtu ADDR PORT     a connected UDP socket with path MTU discovery on:
                                   send one datagram, print its source port, and at end
                                   of stdin print the path MTU the kernel now holds for it
@@ -98,6 +101,23 @@ def send(packets: list[bytes], dev: str | None = None) -> int:
     return 0
 
 
+def blast(seconds: float, packets: list[bytes]) -> int:
+    v4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    v6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for packet in packets:
+            try:
+                if packet[0] >> 4 == 4:
+                    v4.sendto(packet, (socket.inet_ntop(socket.AF_INET, packet[16:20]), 0))
+                else:
+                    v6.sendto(packet, (socket.inet_ntop(socket.AF_INET6, packet[24:40]), 0))
+            except OSError:
+                pass  # a link that is down, a route that is not there yet
+        time.sleep(0.005)
+    return 0
+
+
 def pmtu(addr: str, port: int) -> int:
     fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
     with socket.socket(fam, socket.SOCK_DGRAM) as s:
@@ -121,6 +141,8 @@ def main(argv: list[str]) -> int:
         if args[:1] == ["--dev"]:
             dev, args = args[1], args[2:]
         return send([bytes.fromhex(h) for h in args], dev)
+    if argv[:1] == ["blast"] and len(argv) >= 3:
+        return blast(float(argv[1]), [bytes.fromhex(h) for h in argv[2:]])
     if argv[:1] == ["pmtu"] and len(argv) == 3:
         return pmtu(argv[1], int(argv[2]))
     print(__doc__, file=sys.stderr)

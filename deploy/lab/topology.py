@@ -404,6 +404,8 @@ class Lab:
         return subprocess.run(
             ["ip", "netns", "exec", ns, *argv],
             input=input,
+            # never the test runner's own stdin (some tools refuse a non-blocking one)
+            stdin=subprocess.DEVNULL if input is None else None,
             capture_output=True,
             text=True,
             timeout=timeout,

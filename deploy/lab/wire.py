@@ -83,3 +83,9 @@ class PathMtu:
     def result(self) -> int:
         out, _ = self._proc.communicate(input=b"", timeout=10)
         return int(out.decode().split()[-1])
+
+
+def blast(lab: Lab, ns: str, packets: Sequence[bytes], seconds: float) -> subprocess.Popen[Any]:
+    """Send `packets` from `ns` over and over for `seconds`, in the background."""
+    return lab.popen(ns, [*PY, RAWWIRE, "blast", str(seconds), *(p.hex() for p in packets)],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

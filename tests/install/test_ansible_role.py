@@ -42,6 +42,8 @@ def variables(path: Path) -> set[str]:
 
 
 def test_playbook_syntax() -> None:
+    # stdin: Ansible refuses a non-blocking one, and tests run before may have left
+    # pytest's stdin so
     proc = subprocess.run(["ansible-playbook", "--syntax-check", "-i", str(INVENTORY),
                            str(ANSIBLE / "drawbridge-agent.yml")],
                           capture_output=True, text=True, timeout=120, check=False)
@@ -63,15 +65,15 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = subprocess.run(
         ["ansible-playbook", "-i", str(INVENTORY), "-e", f"out_dir={out}",
          str(Path(__file__).with_name("render_role_templates.yml"))],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True, text=True, timeout=120, check=False, stdin=subprocess.DEVNULL,
         env={**os.environ, "ANSIBLE_LOCAL_TEMP": str(out / ".tmp"), "ANSIBLE_NOCOLOR": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
 
 
-def test_role_unit_with_defaults_is_deploy_systemd_unit(rendered: Path) -> None:
-    assert (rendered / "drawbridge-agent.service").read_text() == \
-        (ROOT / "deploy" / "systemd" / "drawbridge-agent.service").read_text()
+@pytest.mark.parametrize("unit", ["drawbridge-agent.service", "drawbridge-agent-boot.service"])
+def test_role_unit_with_defaults_is_deploy_systemd_unit(rendered: Path, unit: str) -> None:
+    assert (rendered / unit).read_text() == (ROOT / "deploy" / "systemd" / unit).read_text()
 
 
 def test_role_sshd_dropin_is_deploy_ssh_example(rendered: Path) -> None:

@@ -45,8 +45,13 @@ def test_no_token_is_401_and_audited(setup) -> None:  # type: ignore[no-untyped-
     resp = client.get("/v1/gateways", headers=auth("dbt_000000000000_" + "x" * 43))
     assert resp.status_code == 401
     refused = ctl.history(HistoryQuery(action="auth.refused"))
-    assert [(r.actor, r.detail["request"]) for r in refused] == [
-        ("anonymous", "POST /v1/isolate"), ("anonymous", "GET /v1/gateways")]
+    # one source, one window: the first refusal at once, the second counted
+    assert [(r.actor, r.detail["request"], r.detail["source"]) for r in refused] == [
+        ("anonymous", "POST /v1/isolate", "testclient")]
+    ctl.refusals.flush(everything=True)
+    [summary] = ctl.history(HistoryQuery(action="refusal.summary"))
+    assert summary.detail["count"] == 1
+    assert summary.detail["requests"] == {"GET /v1/gateways": 1}
     assert all(not a.calls for a in fleet.agents.values())
 
 
@@ -135,7 +140,17 @@ def test_oversize_bodies_are_413(setup) -> None:  # type: ignore[no-untyped-def]
                        headers={**auth(tokens["operator"]), "Content-Type": "application/json"})
     assert resp.status_code == 413
     assert all(not a.calls for a in fleet.agents.values())
-    assert len(ctl.history(HistoryQuery(action="request.refused"))) == 2
+    assert refusals(ctl, "request.refused") == 2
+
+
+def refusals(ctl: Controller, action: str) -> int:
+    """How many refusals of `action` the log accounts for: records of their own, and the
+    counts of the summaries of windows (flushed now)."""
+    ctl.refusals.flush(everything=True)
+    first = ctl.history(HistoryQuery(action=action))
+    more = [r for r in ctl.history(HistoryQuery(action="refusal.summary"))
+            if r.detail["first_action"] == action]
+    return len(first) + sum(int(r.detail["count"]) for r in more)
 
 
 def test_unknown_gateway_is_404_and_nothing_is_sent(setup) -> None:  # type: ignore[no-untyped-def]

@@ -126,7 +126,7 @@ def test_audit_verify_names_the_tampered_record(served) -> None:  # type: ignore
     ctl, _fleet, url, tokens = served
     run(url, tokens["operator"], "isolate", "--all", "--reason", "x")
     code, out = run(url, tokens["viewer"], "audit", "verify")
-    assert code == 0 and "intact" in out
+    assert code == 0 and "intact" in out, out
     raw_sql(ctl.config.db_url, "UPDATE audit_log SET reason = 'nothing to see' WHERE seq = 5")
     code, out = run(url, tokens["viewer"], "audit", "verify")
     assert code == 1 and "#5" in out and "altered" in out
@@ -141,7 +141,7 @@ def test_plan_from_file(served, tmp_path: Path) -> None:  # type: ignore[no-unty
     code, out = run(url, tokens["admin"], "restore", "--all", "--plan", str(plan),
                     "--reason", "step by step")
     assert code == 0, out
-    assert "completed" in out
+    assert "stage all: done" in out and ": done" in out
     assert all(a.state == "open" for a in fleet.agents.values())
     plan.write_text('[[stages]]\nname = "x"\n')
     code, out = run(url, tokens["admin"], "restore", "--all", "--plan", str(plan),

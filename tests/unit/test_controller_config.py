@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,9 @@ from controller.config import ControllerConfig, load_config
 from controller.db import LATEST_VERSION
 from controller.errors import ConfigError, InputError
 from controller.server_cli import app
+from controller.service import Controller
 from controller.timeparse import parse_when
+from tests.storage import raw_sql
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "controller.toml"
 
@@ -89,3 +92,38 @@ def test_host_commands(tmp_path: Path, db_url: str) -> None:
 def test_bad_config_exits_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["-c", str(tmp_path / "missing.toml"), "migrate"])
     assert result.exit_code == 2 and "cannot read config" in result.output
+
+
+def test_host_audit_commands_checkpoints_and_the_alarm(tmp_path: Path, db_url: str) -> None:
+    cfg = tmp_path / "controller.toml"
+    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\ndatabase_url = "{db_url}"\n')
+    runner = CliRunner()
+
+    def host(*args: str) -> tuple[int, str]:
+        result = runner.invoke(app, ["-c", str(cfg), *args])
+        return result.exit_code, result.output
+
+    for user in ("a", "b", "c"):
+        assert host("token", "create", "--user", user, "--role", "viewer")[0] == 0
+    ctl = Controller(load_config(cfg)).open()
+    try:
+        made = ctl.checkpoints.make("test")
+        assert made is not None and made.checkpoint.seq == 3
+    finally:
+        ctl.close()
+    exported = tmp_path / "cp.json"
+    code, out = host("audit", "checkpoint", "export", "-o", str(exported), "--json")
+    assert code == 0 and json.loads(out) == {"output": str(exported), "checkpoints": 1}
+    code, out = host("audit", "verify", "--checkpoint", str(exported), "--json")
+    assert code == 0 and json.loads(out)["checkpoints"][-1]["source"] == str(exported)
+    assert host("token", "create", "--user", "d", "--role", "viewer")[0] == 0  # record 4
+    raw_sql(db_url, "DELETE FROM audit_log WHERE seq = 4")  # cut the tail
+    code, out = host("audit", "verify")
+    assert code == 1 and "#4 is missing" in out
+    code, out = host("token", "create", "--user", "e", "--role", "viewer")
+    assert code == 2 and "tamper alarm" in out
+    code, out = host("audit", "acknowledge", "--reason", "restored from backup", "--json")
+    assert code == 0 and json.loads(out)["action"] == "audit.acknowledged"
+    code, out = host("audit", "verify", "--checkpoint", str(exported))
+    assert code == 0, out  # the checkpoint (#3) still holds: nothing before it was cut
+    assert host("audit", "acknowledge", "--reason", "again")[0] == 1

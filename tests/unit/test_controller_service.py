@@ -12,7 +12,6 @@ from prometheus_client import generate_latest
 from controller.audit import HistoryQuery
 from controller.auth import Role
 from controller.errors import Forbidden, InputError, NotFound
-from controller.plans import parse_plan
 from controller.schemas import Targets
 from controller.service import Controller
 from tests.unit.test_controller_support import (
@@ -165,46 +164,6 @@ def test_break_glass_and_drift_become_history(ctl: Controller, fake_fleet: FakeF
     assert len(ctl.history(HistoryQuery(action="state"))) == 7  # nothing new
 
 
-def test_plan_runs_stages_in_order_and_stops_on_failure(ctl: Controller,
-                                                        fake_fleet: FakeFleet) -> None:
-    ctl.isolate(OPERATOR, ALL, profile="full", reason="x", ticket=None)
-    plan = parse_plan({"name": "back", "stages": [
-        {"name": "case files", "profile": "casefiles"},
-        {"name": "even first", "groups": ["even"], "restore": True},
-        {"name": "rest", "restore": True}]})
-    res = ctl.restore_plan(ADMIN, ALL, plan, reason="reconnect", ticket="INC-9")
-    assert res.ok and [s.command.ok for s in res.stages if s.command] == [True, True, True]
-    assert res.stages[1].gateways == ["gw0", "gw2", "gw4"]
-    calls = [op for op, a in fake_fleet.agents["gw1"].calls if op != "ping"]
-    assert calls[-2:] == ["isolate", "restore"]
-    assert all(a.state == "open" for a in fake_fleet.agents.values())
-    ctl.isolate(OPERATOR, ALL, profile="full", reason="again", ticket=None)
-    fake_fleet.agents["gw3"].fail["isolate"] = ("config_error", "unknown profile 'casefiles'")
-    res = ctl.restore_plan(ADMIN, ALL, plan, reason="reconnect", ticket=None)
-    assert not res.ok and "gw3" in (res.stopped or "")
-    assert [s.skipped is not None for s in res.stages] == [False, True, True]
-    assert all(a.state == "isolated" for a in fake_fleet.agents.values())
-    assert ("restore.plan", "stopped") in actions(ctl, action="restore.plan")
-
-
-def test_plan_stops_when_someone_else_commands_its_gateways(ctl: Controller,
-                                                           fake_fleet: FakeFleet) -> None:
-    plan = parse_plan({"stages": [{"name": "a", "profile": "casefiles"},
-                                  {"name": "b", "restore": True, "pause": "10m"},
-                                  {"name": "c", "restore": True}]})
-
-    def sleep(seconds: float) -> None:  # someone isolates gw0 during the pause
-        assert seconds == 600
-        ctl.isolate(OPERATOR, Targets(gateways=("gw0",)), profile="full", reason="wait",
-                    ticket=None)
-
-    res = ctl.restore_plan(ADMIN, ALL, plan, reason="r", ticket=None, sleep=sleep)
-    assert not res.ok and "gw0 received another command" in (res.stopped or "")
-    assert [s.command is not None for s in res.stages] == [True, False, False]
-    assert fake_fleet.agents["gw0"].profile == "full"  # the later command stands
-    assert fake_fleet.agents["gw1"].profile == "casefiles"
-
-
 def test_refusals_are_audited(ctl: Controller) -> None:
     with pytest.raises(NotFound):
         ctl.isolate(OPERATOR, Targets(gateways=("gw0", "typo")), profile="internet",
@@ -264,8 +223,13 @@ def test_exception_breadth_depends_on_the_role(ctl: Controller, fake_fleet: Fake
                 ctl.allow(who, gw0, flow=_flow(cidr), reason="restore in all but name",
                           ticket=None)
     assert fake_fleet.agents["gw0"].calls == []  # nothing was sent anywhere
+    ctl.refusals.flush(everything=True)  # per user and window: the first, then a count
     refusals = [r for r in ctl.history(HistoryQuery()) if r.outcome == "refused"]
-    assert len(refusals) == 6 and all(r.detail["request"] == "allow" for r in refusals)
+    first = [r for r in refusals if r.action != "refusal.summary"]
+    counted = [r.detail for r in refusals if r.action == "refusal.summary"]
+    assert len(first) + sum(d["count"] for d in counted) == 6
+    assert all(r.detail["request"] == "allow" for r in first)
+    assert all(d["requests"] == {"allow": d["count"]} for d in counted)
     assert ctl.allow(ADMIN, gw0, flow=_flow("198.51.0.0/16"), reason="wide, by an admin",
                      ticket=None).ok
     assert ctl.allow(OPERATOR, gw0, flow=_flow("203.0.113.0/24"), reason="narrow",

@@ -37,7 +37,8 @@ class _Engine:
     """Just enough of agent.engine.Engine for ping and status."""
 
     def __init__(self, name: str) -> None:
-        self.config = SimpleNamespace(gateway=name)
+        self.config = SimpleNamespace(gateway=name, profile_names=lambda: ["internet", "full"])
+        self.config_digest = ""
 
     def status(self, *, elements: bool = True) -> Any:
         data = {"gateway": self.config.gateway, "state": "open", "profile": None,

@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,9 +16,11 @@ from typing import Any
 from controller.auth import Principal, Role
 from controller.config import ControllerConfig, SshSettings
 from controller.errors import AgentError, HostKeyMismatch, HostKeyUnknown, TransportError
+from controller.plan_service import PlanStatus
 from controller.service import Controller
 from controller.transport.ssh import SshTarget
 
+MUTATING = ("isolate", "restore", "allow", "extend", "revoke")
 KEY_A = "SHA256:" + "A" * 43
 KEY_B = "SHA256:" + "B" * 43
 
@@ -46,11 +50,13 @@ class FakeAgent:
     lock: threading.Lock = field(default_factory=threading.Lock)
     active: int = 0
     max_active: int = 0
-    # like the real agent: a request id seen before is answered with its first answer
-    # and nothing is applied (a different request under a used id is a conflict)
-    answered: dict[str, tuple[str, dict[str, Any], Any]] = field(default_factory=dict)
-    request_ids: list[str] = field(default_factory=list)  # applied, in order
-    replays: list[str] = field(default_factory=list)
+    # like the real agent (agent/rpc.py): remembered request ids of mutating requests,
+    # the journal (with request ids and audit hashes), checkpoints received
+    journal: list[dict[str, Any]] = field(default_factory=list)
+    seen_ids: dict[str, tuple[str, dict[str, Any], Any]] = field(default_factory=dict)
+    knows_checkpoints: bool = True
+    replays: list[str] = field(default_factory=list)  # request ids answered, not applied
+    probe_results: dict[str, bool] = field(default_factory=dict)  # probe name -> ok
 
     def _verification(self) -> dict[str, Any]:
         ok = self.verified
@@ -63,38 +69,74 @@ class FakeAgent:
                 "verification": self._verification(), "apply_seconds": 0.001,
                 "generation": self.generation, "note": ""}
 
-    def handle(self, op: str, args: dict[str, Any], request_id: str | None = None) -> Any:
+    def handle(self, op: str, args: dict[str, Any], request_id: str | None = None,
+               audit: str | None = None) -> Any:
         with self.lock:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
         try:
-            if self.delay:
+            if self.delay and op not in ("checkpoint", "journal"):
                 time.sleep(self.delay)
             with self.lock:
-                if request_id is not None and request_id in self.answered:
-                    first_op, first_args, answer = self.answered[request_id]
+                if op in ("checkpoint", "journal"):
+                    return self._bookkeeping(op, args)
+                self.calls.append((op, args))
+                if op in MUTATING and request_id and request_id in self.seen_ids:
+                    first_op, first_args, answer = self.seen_ids[request_id]
                     if (first_op, first_args) != (op, args):
                         raise AgentError(f"{self.name}: request id {request_id} was used for "
                                          "another request", code="conflict")
                     self.replays.append(request_id)
-                    return answer
-                self.calls.append((op, args))
+                    return {**answer, "replayed": True}
                 if op in self.fail:
                     code, message = self.fail[op]
+                    if op in MUTATING:
+                        self._journal(op, "failed", request_id, audit, args)
                     raise AgentError(f"{self.name}: {message}", code=code)
                 if op == "status" and args and self.plain_status_only:
                     raise AgentError(f"{self.name}: status arguments: extra inputs are not "
                                      "permitted", code="bad_request")
                 answer = self._apply(op, args)
-                if request_id is not None:
-                    self.answered[request_id] = (op, args, answer)
-                    self.request_ids.append(request_id)
+                if op in MUTATING:
+                    self._journal(op, "applied", request_id, audit, args)
+                    if request_id:
+                        self.seen_ids[request_id] = (op, args, answer)
             if op == "status" and self.status_delay:
                 time.sleep(self.status_delay)  # read first, answered late: like a real one
             return answer
         finally:
             with self.lock:
                 self.active -= 1
+
+    @property
+    def request_ids(self) -> list[str | None]:
+        """The request ids of the changes applied, in order (the journal's)."""
+        return [e["request_id"] for e in self.journal if e["result"] == "applied"]
+
+    def _journal(self, action: str, result: str, request_id: str | None, audit: str | None,
+                 args: dict[str, Any]) -> None:
+        self.journal.append({
+            "time": time.time(), "action": action, "result": result, "profile": self.profile,
+            "actor": args.get("actor", "?"), "reason": args.get("reason", ""),
+            "ticket": args.get("ticket"), "request_id": request_id, "audit": audit,
+            "generation": self.generation,
+            "verification": ("verified" if self.verified else "unverified")
+            if result == "applied" else None})
+
+    def _bookkeeping(self, op: str, args: dict[str, Any]) -> Any:
+        if op == "journal":
+            since = args.get("since")
+            entries = [e for e in self.journal if since is None or e["time"] >= since]
+            return {"entries": entries[-int(args.get("limit", 50)):]}
+        if not self.knows_checkpoints:
+            raise AgentError(f"{self.name}: request: op: Input should be 'ping', 'status', ...",
+                             code="bad_request")
+        self.journal.append({"time": time.time(), "action": "checkpoint", "result": "recorded",
+                             "actor": "controller", "reason": "", "request_id": None,
+                             "audit": None, **{k: args[k] for k in (
+                                 "seq", "head_hash", "signature", "key_id")},
+                             "checkpoint_time": args["time"]})
+        return {"gateway": self.name, "recorded": True}
 
     def _apply(self, op: str, args: dict[str, Any]) -> Any:
         if op == "ping":
@@ -127,9 +169,10 @@ class FakeAgent:
             else:
                 found[0]["remaining_seconds"] = args["duration_seconds"]
         elif op == "probe":
-            return {"probes": [{"name": "outside-web", "ok": self.verified, "type": "tcp",
+            probes = {"outside-web": self.verified, **self.probe_results}
+            return {"probes": [{"name": name, "ok": ok, "type": "tcp",
                                 "target": "198.51.100.10:443", "outcome": "unreachable",
-                                "expected": "unreachable"}]}
+                                "expected": "unreachable"} for name, ok in probes.items()]}
         else:
             raise AgentError(f"unsupported op {op}", code="bad_request")
         self.generation += 1
@@ -137,12 +180,15 @@ class FakeAgent:
         return self.change(op)
 
     def local_change(self, profile: str | None, actor: str = "root@console") -> None:
-        """Break-glass on the box itself."""
+        """Break-glass on the box itself (the agent's own CLI: a cli-<hex> request id)."""
         with self.lock:
             self.state = "isolated" if profile else "open"
             self.profile = profile
             self.generation += 1
             self.actor, self.reason = actor, "break-glass"
+            self._journal("isolate" if profile else "restore", "applied",
+                          f"cli-{secrets.token_hex(8)}", None,
+                          {"actor": actor, "reason": "break-glass"})
 
 
 class FakeSession:
@@ -183,13 +229,14 @@ class FakeSession:
         self.epoch = agent.epoch
 
     def request(self, op: str, args: dict[str, Any], *, timeout: float | None = None,
-                lane: str = "command", request_id: str | None = None) -> Any:
+                lane: str = "command", request_id: str | None = None,
+                audit: str | None = None) -> Any:
         self.lanes.append(lane)
         if not self._really_alive():
             self.epoch = None
             raise TransportError(f"{self.target.name}: the agent session ended",
                                  code="connection_lost")
-        return self.agent.handle(op, args, request_id)
+        return self.agent.handle(op, args, request_id, audit)
 
     def close(self) -> None:
         self.epoch = None
@@ -256,3 +303,24 @@ def write_key(tmp: Path) -> Path:
         path.chmod(0o600)
         paramiko.PKey.from_path(str(path))
     return path
+
+
+def settle(ctl: Controller, plan_id: str, *, timeout: float = 20.0,
+           until: Callable[[PlanStatus], bool] | None = None) -> PlanStatus:
+    """Drive the plan on the test's thread (after any tick a control action kicked off)
+    until `until` holds; by default until it is finished, paused, or a stage awaits
+    approval. Returns its state then (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ctl.plans.driver.wait()
+        ctl.plans.driver.tick()
+        status = ctl.plans.get(plan_id)
+        if until is not None:
+            if until(status):
+                return status
+        elif status.state in ("done", "failed", "aborted", "paused") or any(
+                s.state == "awaiting approval" for s in status.stages):
+            return status
+        if time.monotonic() > deadline:
+            return status
+        time.sleep(0.02)

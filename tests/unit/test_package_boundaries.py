@@ -12,7 +12,9 @@ import sys
 
 # pure: validation of what users type (config, requests, free text), the wire's framing
 SHARED_AGENT_MODULES = {"agent", "agent.config", "agent.errors", "agent.requests",
-                        "agent.text", "agent.version", "agent.wire"}
+                        "agent.digest", "agent.durations", "agent.nettypes", "agent.text",
+                        "agent.version",
+                        "agent.wire"}
 
 # Import every controller module with scapy made unimportable; report the agent modules loaded.
 PROBE = """

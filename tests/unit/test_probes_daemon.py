@@ -22,10 +22,10 @@ def make_daemon(tmp_path: Path, reachable: set[str]) -> tuple[Daemon, FakeNet]:
 
 def test_daemon_wires_verifier_probe_op_and_apply_timing(tmp_path: Path) -> None:
     daemon, _ = make_daemon(tmp_path, reachable={"outside-web", "mgmt-ssh"})
-    assert daemon.engine.on_apply is not None
+    assert daemon.engine.kernel.on_apply is not None
     response = daemon.dispatcher.handle_line(b'{"v": 1, "op": "probe"}')
     assert [p["name"] for p in response["result"]["probes"]] == ["outside-web", "mgmt-ssh"]
-    daemon.engine.on_apply(0.02)
+    daemon.engine.kernel.on_apply(0.02)
     buckets, total = daemon.apply_durations.snapshot()
     assert total == 0.02 and dict(buckets)["0.025"] == 1
 

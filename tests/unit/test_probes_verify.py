@@ -205,20 +205,22 @@ def test_loopback_sweep_tcp_and_dns(udp_echo: int) -> None:
     udp_closed_port = udp_closed.getsockname()[1]
     udp_closed.close()
     try:
-        specs = [ProbeSpec.parse(f"tcp:127.0.0.1:{open_port}", 1.0),
-                 ProbeSpec.parse(f"tcp:127.0.0.1:{closed_port}", 1.0),
-                 ProbeSpec.parse(f"dns:127.0.0.1:{udp_echo}", 1.0),
-                 ProbeSpec.parse(f"dns:127.0.0.1:{udp_closed_port}", 1.0)]
+        # every target answers: none may wait for its (long) timeout. The margin is wide
+        # on purpose: a loaded CI machine is slow, a probe that waits is 5 s late.
+        specs = [ProbeSpec.parse(f"tcp:127.0.0.1:{open_port}", 5.0),
+                 ProbeSpec.parse(f"tcp:127.0.0.1:{closed_port}", 5.0),
+                 ProbeSpec.parse(f"dns:127.0.0.1:{udp_echo}", 5.0),
+                 ProbeSpec.parse(f"dns:127.0.0.1:{udp_closed_port}", 5.0)]
         started = time.monotonic()
         found = measure(specs)
-        assert time.monotonic() - started < 0.9
+        assert time.monotonic() - started < 4.5
     finally:
         listener.close()
         closed.close()
     assert [(m.outcome, m.detail) for m in found] == [
         ("reachable", "connected"), ("reachable", "refused"),
         ("reachable", "answer rcode=0"), ("reachable", "port-unreachable")]
-    assert all(0 <= m.duration_seconds < 0.9 for m in found)
+    assert all(0 <= m.duration_seconds < 4.5 for m in found)
 
 
 def test_silent_dns_target_times_out_alone(udp_echo: int) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from agent.engine import Engine
 from agent.rpc import MAX_LINE_BYTES, Dispatcher, read_lines
+from agent.version import package_version
 from tests.unit.conftest import make_config
 from tests.unit.fakes import RecordingNft, no_reference
 
@@ -82,8 +83,9 @@ def test_read_lines_skips_the_rest_of_an_oversize_line() -> None:
 def test_id_is_echoed_and_ping_answers(rig: tuple[Dispatcher, RecordingNft, Path]) -> None:
     dispatcher, _, _ = rig
     reply = call(dispatcher, {"v": 1, "id": "c-7", "op": "ping"})
-    assert reply == {"v": 1, "id": "c-7", "ok": True,
-                     "result": {"gateway": "gw-ams-1", "protocol": 1}}
+    assert reply == {"v": 1, "id": "c-7", "ok": True, "result": {
+        "gateway": "gw-ams-1", "protocol": 1, "version": package_version(), "config_digest": "",
+        "profiles": ["internet", "full", "casefiles"]}}
 
 
 def test_failed_apply_restores_the_previous_desired_state(tmp_path: Path) -> None:

@@ -135,6 +135,8 @@ def test_concurrent_appenders_keep_one_chain(dbs: list[Database], tmp_path: Path
     """Two controllers (own pools, own head files, one key) and threads in each."""
     key = AuditKey.load_or_create(tmp_path / "audit.key")
     logs = [AuditLog(db, key, head_path=tmp_path / f"head{i}") for i, db in enumerate(dbs)]
+    for log in logs:  # as each controller does when it opens
+        assert log.check_head() is None
     threads_per_log, rounds = 3, 25
 
     def append(i: int) -> None:

@@ -11,7 +11,13 @@ from prometheus_client import generate_latest
 from controller.plans import parse_plan
 from controller.schemas import Targets
 from tests.unit.test_controller_cli import run, served  # noqa: F401 (a fixture)
-from tests.unit.test_controller_support import ADMIN, OPERATOR, FakeFleet, make_controller
+from tests.unit.test_controller_support import (
+    ADMIN,
+    OPERATOR,
+    FakeFleet,
+    make_controller,
+    settle,
+)
 
 
 def test_report_command(served, tmp_path: Path,  # type: ignore[no-untyped-def]  # noqa: F811
@@ -45,7 +51,9 @@ def test_plan_stage_metric(tmp_path: Path, db_url: str) -> None:
         ctl.isolate(OPERATOR, Targets(all=True), profile="full", reason="x", ticket=None)
         plan = parse_plan({"name": "back", "stages": [
             {"name": "case files", "profile": "casefiles"}, {"name": "rest", "restore": True}]})
-        ctl.restore_plan(ADMIN, Targets(all=True), plan, reason="reconnect", ticket=None)
+        started = ctl.plans.start(ADMIN, Targets(all=True), plan, reason="reconnect",
+                                  ticket=None)
+        assert settle(ctl, started.plan_id).state == "done"
         text = generate_latest(ctl.metrics.registry).decode()
         stages = [line for line in text.splitlines()
                   if line.startswith("drawbridge_plan_stage_info{")]

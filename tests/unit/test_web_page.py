@@ -64,6 +64,7 @@ def drill(client: TestClient, tokens: dict[str, str], ctl: Controller) -> None:
                        headers=bearer(tokens["admin"])).status_code == 200
     ctl.record(AuditEvent(actor="admin-user", action="restore", outcome="ok", reason=HOSTILE[2],
                           targets=("gw1",)))
+    ctl.checkpoints.wait()  # the one after the restore (made on its own thread)
 
 
 class Forms(HTMLParser):
@@ -184,7 +185,9 @@ def test_page_shows_the_fleet_timeline_and_escapes_everything(setup) -> None:  #
     assert "&#34;&gt;&lt;svg onload=alert(2)&gt;" in html
     assert "\u202e" not in html and "[U+202E]" in html
     assert html.count("<svg") == 1
-    assert ">none<" in html  # last checkpoint
+    cp = ctl.checkpoints.store.last()
+    assert cp is not None and f"#{cp.checkpoint.seq} " in html  # last checkpoint
+    assert "recorded on 2 of 2 gateway(s): gw0, gw1" in html
     assert "intact" in html
 
 

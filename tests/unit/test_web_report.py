@@ -16,10 +16,10 @@ from controller.audit import VerifyReport
 from controller.web.report import ChainHead, Report, build_report, gateway_times
 from controller.web.report_formats import filename, to_csv, to_data, to_html
 from controller.web.report_pdf import to_pdf
-from controller.web.sources import Checkpoint, plans_from_audit
+from controller.web.sources import Checkpoint, plan_view
 from controller.web.templating import duration, make_env, visible
 from controller.web.timeline import Window, build_timeline
-from tests.unit.web_records import T0, allow_args, drill, rec, results
+from tests.unit.web_records import T0, allow_args, drill, drill_plan, rec, results
 
 W = Window(T0, T0 + 1800)
 HOSTILE = ("<script>alert(1)</script>", '"><svg onload=alert(2)>', "all clear \u202eevil")
@@ -31,7 +31,7 @@ def report(records=None, *, checkpoint=None) -> Report:  # type: ignore[no-untyp
     return build_report(timeline=tl, records=records,
                         verify=VerifyReport(ok=True, records=len(records), last_seq=9),
                         head=ChainHead(9, "ab" * 32), checkpoint=checkpoint,
-                        plans=plans_from_audit(records), generated_at=T0 + 2000,
+                        plans=[plan_view(drill_plan())], generated_at=T0 + 2000,
                         generated_by="lead (viewer)")
 
 
@@ -69,23 +69,27 @@ def test_actions_are_the_window_s_records_in_seq_order() -> None:
     assert (r.first_seq, r.last_seq) == (1, 9)
 
 
-def test_plan_progress_from_audit_records() -> None:
-    (plan,) = plans_from_audit(drill())
-    assert (plan.plan_id, plan.name, plan.state, plan.seq, plan.end_seq) == (
-        "p1", "reconnect", "done", 6, 9)
-    assert [(s.name, s.state, s.seq) for s in plan.stages] == [
-        ("case files", "done", 7), ("everything", "done", 8)]
-    running = plans_from_audit(drill()[:7])[0]
-    assert running.state == "running"
-    assert [(s.name, s.state) for s in running.stages] == [("case files", "done"),
-                                                          ("everything", "pending")]
-    stopped = rec(9, 1201, "restore.plan", "stopped", ["gw0"], command_id="p1", detail={
-        "plan": "reconnect", "stopped": "stage 'case files' did not apply", "stages": [
-            {"name": "case files", "ok": False},
-            {"name": "everything", "skipped": "not run: stage 'case files' ..."}]})
-    failed = plans_from_audit([*drill()[:7], stopped])[0]
-    assert failed.state == "failed" and "did not apply" in failed.note
-    assert [s.state for s in failed.stages] == ["failed", "aborted"]
+def test_plan_progress_from_the_stored_plan() -> None:
+    plan = plan_view(drill_plan())
+    assert (plan.plan_id, plan.name, plan.state, plan.seq) == ("p1", "reconnect", "done", 6)
+    assert [(s.name, s.state) for s in plan.stages] == [("case files", "done"),
+                                                       ("everything", "done")]
+    doc = drill_plan(state="running", current=1)
+    waiting = doc.with_stage(doc.stage(1).model_copy(update={
+        "state": "awaiting approval", "gate": "approval"}))
+    shown = plan_view(waiting)
+    assert shown.state == "running" and "awaits approval" in shown.note
+    assert [s.state for s in shown.stages] == ["done", "awaiting approval"]
+    paused = plan_view(waiting.model_copy(update={"state": "paused"}))
+    assert [s.state for s in paused.stages] == ["done", "paused"]
+    failed = doc.with_stage(doc.stage(1).model_copy(update={
+        "state": "failed", "note": "gw1: unverified"})).model_copy(update={
+            "state": "failed", "note": "stage 'everything' failed"})
+    shown = plan_view(failed)
+    assert shown.state == "failed" and "failed" in shown.note
+    assert [s.state for s in shown.stages] == ["done", "failed"]
+    running = doc.with_stage(doc.stage(1).model_copy(update={"state": "sending"}))
+    assert [s.state for s in plan_view(running).stages] == ["done", "running"]
 
 
 def test_json_has_everything_with_seqs_and_the_head() -> None:

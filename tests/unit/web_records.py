@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from controller.audit import AuditRecord, format_time
+from controller.plan_doc import GatewayStart, PlanDoc, StageDoc
 
 T0 = 1_750_000_000.0
 
@@ -59,3 +60,21 @@ def drill() -> list[AuditRecord]:
             detail={"plan": "reconnect", "stages": [
                 {"name": "case files", "ok": True}, {"name": "everything", "ok": True}]}),
     ]
+
+
+def drill_plan(**changes: Any) -> PlanDoc:
+    """The drill's plan as the controller stores it, done (`changes`: other states)."""
+    both = ["gw0", "gw1"]
+    stages = [
+        StageDoc(index=0, name="case files", action="isolate", profile="casefiles",
+                 gateways=both, state="done", command_id="c3", attempt=1,
+                 results=dict.fromkeys(both, "verified"), finished_at=T0 + 1001),
+        StageDoc(index=1, name="everything", action="restore", gateways=both, state="done",
+                 command_id="c4", attempt=1, results=dict.fromkeys(both, "verified"),
+                 finished_at=T0 + 1200),
+    ]
+    doc = PlanDoc(plan_id="p1", name="reconnect", actor="alice", reason="all clear",
+                  created_at=T0 + 1000, targets=both,
+                  start=dict.fromkeys(both, GatewayStart(state="isolated", profile="internet")),
+                  stages=stages, state="done", current=2, seq=6, finished_at=T0 + 1201)
+    return doc.model_copy(update=changes)
