@@ -223,23 +223,23 @@ class Checkpointer:
         """Send `cp` to each gateway's journal; gateway -> "recorded" or why not."""
         ctl = self.ctl
         targets = list(gateways) if gateways is not None else ctl.inventory.all()
-        timeout = ctl.config.poll.timeout_seconds
-
-        def send(gw: Gateway, link: GatewayLink) -> str:
-            try:
-                link.call("checkpoint", cp.rpc_args(), respect_backoff=True, timeout=timeout,
-                          lane="poll")
-            except AgentError as exc:
-                if exc.code == "bad_request" and "checkpoint" in exc.message:
-                    return "the agent does not know checkpoints (upgrade it): " + exc.message
-                return exc.message
-            except ControllerError as exc:
-                return exc.message
-            return RECORDED
-
-        results = ctl.fleet.map_background(targets, send)
+        # where each gateway's session is (as a replica: its lease holder sends it)
+        results = ctl.on_holders(targets, "checkpoint.send", cp.rpc_args())
         return {g.name: r if isinstance(r, str) else "internal error"
                 for g, r in zip(targets, results, strict=True)}
+
+    def send_one(self, link: GatewayLink, args: dict[str, Any]) -> str:
+        """Send one checkpoint (its RPC arguments) on `link`: "recorded" or why not."""
+        try:
+            link.call("checkpoint", args, respect_backoff=True,
+                      timeout=self.ctl.config.poll.timeout_seconds, lane="poll")
+        except AgentError as exc:
+            if exc.code == "bad_request" and "checkpoint" in exc.message:
+                return "the agent does not know checkpoints (upgrade it): " + exc.message
+            return exc.message
+        except ControllerError as exc:
+            return exc.message
+        return RECORDED
 
     # -- export and verification -------------------------------------------------------------
 

@@ -114,15 +114,24 @@ class LeaseStore:
                              "process; give each replica its own replica_id")
 
     def deregister(self) -> None:
-        """Give back every lease and leave the replicas table (a clean stop: the others
-        take over at their next tick, not after the TTL)."""
+        """Give back every lease and stop the heartbeat (a clean stop: the others take
+        over at their next tick, not after the TTL). The row stays: the table knows
+        every replica id that ever ran (controller/replica_join.py)."""
         r, lt = self.replicas, self.leases
         with self.db.begin() as conn:
             conn.execute(lt.update().where(lt.c.owner == self.me.replica_id,
                                            lt.c.incarnation == self.me.incarnation)
                          .values(owner=None, incarnation=None, expires_at=0.0))
-            conn.execute(r.delete().where(r.c.replica_id == self.me.replica_id,
-                                          r.c.incarnation == self.me.incarnation))
+            conn.execute(r.update().where(r.c.replica_id == self.me.replica_id,
+                                          r.c.incarnation == self.me.incarnation)
+                         .values(expires_at=0.0))
+
+    def known(self) -> bool:
+        """Whether this replica id has run against this database before."""
+        r = self.replicas
+        with self.db.begin() as conn:
+            return conn.execute(sa.select(r.c.replica_id).where(
+                r.c.replica_id == self.me.replica_id)).first() is not None
 
     # -- the tick ------------------------------------------------------------------------
 

@@ -231,7 +231,7 @@ class PlanDriver:
         stage = doc.stage(step.index)
         self.write(doc.plan_id, lambda d: apply_probe_started(d, step.index, now()))
         members = [g for g in self.ctl.inventory.all() if g.name in stage.gateways]
-        answers = self.ctl.fleet.run(members, "probe", lambda gw: {})
+        answers = self.ctl.read(members, "probe", actor="controller")  # via the holders
         results: dict[str, dict[str, bool]] = {}
         for r in answers:
             if r.result is None or r.outcome in ("unreachable", "refused", "failed"):

@@ -196,7 +196,7 @@ class Plans:
         ctl = self.ctl
         unknown = [g for g in gateways if ctl.states.get(g.name).state is None]
         if unknown:
-            ctl.fleet.map_background(unknown, ctl.polls.poll_one)
+            ctl.on_holders(unknown, "poll", {})  # as a replica: by each one's holder
         out: dict[str, GatewayStart] = {}
         for g in gateways:
             st = ctl.states.get(g.name)

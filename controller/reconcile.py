@@ -137,9 +137,9 @@ def reconcile_one(ctl: Controller, gw: Gateway, link: GatewayLink,
 
 def reconcile(ctl: Controller, gateways: Sequence[Gateway],
               since: float | None) -> ReconcileReport:
-    results = ctl.fleet.map_background(
-        gateways, lambda gw, link: reconcile_one(ctl, gw, link, since))
-    out = [r if isinstance(r, GatewayReconcile) else GatewayReconcile(
+    # where each gateway's session is (as a replica: on its lease holder)
+    results = ctl.on_holders(gateways, "reconcile.journal", {"since": since})
+    out = [GatewayReconcile.model_validate(r) if isinstance(r, dict) else GatewayReconcile(
         gateway=g.name, ok=False, error="internal error (see the controller's log)")
         for g, r in zip(gateways, results, strict=True)]
     count = sum(len(r.differences) for r in out)

@@ -35,6 +35,8 @@ from controller.config import ReplicaSettings
 from controller.db import Database
 from controller.errors import ControllerError, LeaseLost
 from controller.fleet import CHANGE_OPS, GatewayResult, failure
+from controller.holder_calls import Procedure
+from controller.holder_calls import procedures as holder_procedures
 from controller.inventory import Gateway
 from controller.lease_store import LeaseStore, Me, ReplicaView
 from controller.states import Pending
@@ -45,7 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("drawbridge.controller.replicas")
 
 ORPHANS_EVERY = 5.0  # seconds between looks for commands whose acceptor died
-POLL = "poll"  # the queue's op for a status poll by the holder (not an agent op)
 PRUNE_EVERY = 300.0  # seconds between sweeps of finished queue rows
 FULL_READ_EVERY = 1.0  # a waiter reads even its local rows' results from the queue
 KEEP_FINISHED = 7 * 86400.0  # how long finished rows stay (the audit log keeps the story)
@@ -86,6 +87,7 @@ class Replicas:
         self._stop_finisher = threading.Event()  # after running requests drained
         self._threads: list[threading.Thread] = []
         self._last_prune = 0.0
+        self._procedures = holder_procedures(ctl)
         self._last_orphans = 0.0
         self.started = False
         # called with gateways newly taken (the controller polls them: sessions come up
@@ -305,8 +307,11 @@ class Replicas:
 
         args = cmd.rpc_args()
         try:
-            if cmd.op == POLL:  # a status poll asked for through the queue (`refresh`)
-                futures = [self.ctl.fleet.background(gw, self._poll) for gw in gateways]
+            named = self._procedures.get(cmd.op)
+            if named is not None:  # work on the session other than one agent request
+                futures = [self.ctl.fleet.background(
+                    gw, lambda gw, link: self._procedure(cmd, named, gw, link))
+                    for gw in gateways]
             else:
                 mutating = cmd.op in CHANGE_OPS
                 futures = self.ctl.fleet.submit(
@@ -321,16 +326,24 @@ class Replicas:
         for c, fut in zip(rows, futures, strict=True):
             fut.add_done_callback(lambda f, c=c: self._done(c, f))  # type: ignore[misc]
 
-    def _poll(self, gw: Gateway, link: Any) -> GatewayResult:
+    def _procedure(self, cmd: QueuedCommand, run: Procedure, gw: Gateway,
+                   link: Any) -> GatewayResult:
+        """A named procedure (controller/holder_calls.py) on our link to `gw`; its JSON
+        answer in the result's `value`."""
         started = time.perf_counter()
         try:
             self.guard(gw)
-        except LeaseLost as exc:
-            return failure(gw.name, POLL, exc, 0.0)
-        up = self.ctl.polls.poll_one(gw, link)
-        return GatewayResult(gateway=gw.name, op=POLL, outcome="applied" if up else
-                             "unreachable", ok=up, message="answered" if up else
-                             "did not answer the status poll",
+            value = run(gw, link, cmd.args)
+        except ControllerError as exc:
+            return failure(gw.name, cmd.op, exc, time.perf_counter() - started)
+        except Exception as exc:
+            log.exception("%s on %s failed", cmd.op, gw.name)
+            return failure(gw.name, cmd.op, ControllerError(f"internal error: {exc!r}",
+                                                            code="internal"),
+                           time.perf_counter() - started)
+        ok = value is not False  # a poll says False when the gateway did not answer
+        return GatewayResult(gateway=gw.name, op=cmd.op, outcome="applied" if ok else
+                             "unreachable", ok=ok, result={"value": value},
                              duration_seconds=time.perf_counter() - started)
 
     def _done(self, c: Claimed, fut: Future[GatewayResult]) -> None:

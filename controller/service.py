@@ -47,6 +47,7 @@ from controller.errors import (
 )
 from controller.exceptions import check_breadth
 from controller.fleet import CHANGE_OPS, EXCEPTION_OPS, Fleet, GatewayResult
+from controller.holder_calls import procedures as holder_procedures
 from controller.inventory import Gateway, Inventory, parse_address
 from controller.lease_store import Me
 from controller.metrics import ControllerMetrics, FleetCollector
@@ -54,6 +55,7 @@ from controller.plan_service import Plans
 from controller.polling import SYSTEM_ACTOR, Polls
 from controller.refusals import Refusal, RefusalAggregator
 from controller.replica import new_incarnation, replica_id
+from controller.replica_join import join_chain
 from controller.replica_metrics import ReplicaCollector
 from controller.replicas import Replicas
 from controller.schemas import (
@@ -147,9 +149,16 @@ class Controller:
         signer = CheckpointKey.load_or_create(self.config.checkpoint_key_path)
         self._audit = AuditLog(self.db, key, head_path=self.config.audit_head_path,
                                on_alarm=self._on_alarm)
+        joined = None
+        if self.replicas is not None:  # a new replica starts its head at the chain's end
+            joined = join_chain(self._audit, self.config.audit_head_path,
+                                replica_id=self.replicas.me.replica_id,
+                                known=self.replicas.store.known())
         # the database against the head this controller wrote: a cut or replaced chain,
         # or a lost head file, is an alarm here, before anything is appended
         self._audit.check_head()
+        if joined is not None and self._audit.alarm is None:
+            self.record(joined.event())
         self._checkpoints = Checkpointer(self, signer)
         self.metrics.attach(FleetCollector(self._snapshot, self._audit.last_seq))
         # the plan driver's lease holder is this controller's replica id
@@ -392,17 +401,30 @@ class Controller:
         return self.run_command(gateways, action=op, op=op, actor=principal.user,
                                 reason=reason, ticket=ticket, args=args)
 
-    def read(self, gateways: Sequence[Gateway], op: str, *, actor: str) -> list[GatewayResult]:
+    def read(self, gateways: Sequence[Gateway], op: str, *, actor: str,
+             args: dict[str, Any] | None = None) -> list[GatewayResult]:
         """A request that changes nothing (not audited), asked now: directly, or as a
         replica through the gateways' lease holders."""
         if self.replicas is None:
-            return self.fleet.run(gateways, op, lambda gw: {})
+            return self.fleet.run(gateways, op, lambda gw: dict(args or {}))
         command = QueuedCommand(
-            command_id=_short_id(), action=op, op=op, args={}, actor=actor, reason="",
-            ticket=None, accepted_at=self.clock(), accepted_by=self.replicas.me.replica_id,
+            command_id=_short_id(), action=op, op=op, args=dict(args or {}), actor=actor,
+            reason="", ticket=None, accepted_at=self.clock(),
+            accepted_by=self.replicas.me.replica_id,
             accepted_incarnation=self.replicas.me.incarnation, audited=False)
         return self.replicas.run(gateways, command, pending=None, retry_of=None,
                                  on_accept=lambda names: None, on_result=lambda r: None)
+
+    def on_holders(self, gateways: Sequence[Gateway], name: str,
+                   args: dict[str, Any]) -> list[Any]:
+        """Run the procedure `name` (controller/holder_calls.py) for each gateway where
+        its session is: here, or as a replica on each gateway's holder. The answers in
+        the order of `gateways`; None where it raised or could not run."""
+        if self.replicas is None:
+            run = holder_procedures(self)[name]
+            return self.fleet.map_background(gateways, lambda gw, link: run(gw, link, args))
+        results = self.read(gateways, name, actor=SYSTEM_ACTOR, args=args)
+        return [(r.result or {}).get("value") if r.ok else None for r in results]
 
     def mine(self, gateways: Sequence[Gateway]) -> list[Gateway]:
         """The gateways this controller talks to: all of them, or, as a replica, those

@@ -2,7 +2,8 @@
 management namespace, on one PostgreSQL database, over a FleetRig's gateways.
 
 Each replica has its own state dir, replica id and API port (8630, 8631, ...); they
-share the database and the audit key file, as real replicas do. Used by the replica
+share the database, the audit key file and the checkpoint key file, as real replicas
+do. Used by the replica
 lab test and bench/replicas.py.
 """
 
@@ -62,6 +63,7 @@ class ReplicaRig:
         self.database_url = database_url
         base = workdir
         self.audit_key = base / "audit.key"
+        self.checkpoint_key = base / "checkpoint.key"
         self.replicas = [ReplicaProc(f"replica-{chr(ord('a') + i)}", base / f"r{i}",
                                      BASE_PORT + i) for i in range(count)]
         self.tokens: dict[str, str] = {}
@@ -91,6 +93,9 @@ parallelism = {parallelism}
 
 [poll]
 interval_seconds = {poll_interval}
+
+[audit]
+checkpoint_key_file = "{self.checkpoint_key}"
 {extra}
 """)
 

@@ -49,6 +49,7 @@ def replica(tmp: Path, name: str, fleet: FakeFleet, pg_url: str,
             **overrides: Any) -> tuple[Controller, Sessions]:
     sessions = Sessions(fleet)
     config = make_config(tmp / name, db_url=pg_url, audit_key_file=str(tmp / "audit.key"),
+                         audit={"checkpoint_key_file": str(tmp / "checkpoint.key")},
                          replica_id=name, **overrides)
     return Controller(config, session_factory=sessions.factory).start(), sessions
 
@@ -76,7 +77,10 @@ def pair(tmp_path: Path, fleet: FakeFleet,
         a.add_gateway(ADMIN, name=name, address=f"10.99.0.{100 + i}", user="root",
                       key_path=str(key), host_key=KEY_A, trust_on_first_use=False,
                       groups=["lab"], reason="test", ticket=None)
-    b, sb = replica(tmp_path, "b", fleet, pg_url)
+    b, sb = replica(tmp_path, "b", fleet, pg_url)  # joins the audit chain a began
+    assert b.audit.alarm is None
+    assert [r.detail["replica_id"] for r in b.history(HistoryQuery(action="replica.joined"))] \
+        == ["b"]
     wait_for(lambda: len(a.replicas.held()) == 3 and len(b.replicas.held()) == 3,  # type: ignore[union-attr]
              5, "the leases split 3/3")
     yield a, b, sa_, sb
@@ -101,6 +105,9 @@ def test_leases_split_and_either_replica_runs_any_command(
     assert sum(e["event"] == "result" for e in events) == 6
     for agent in fleet.agents.values():  # carried out once, under the command id
         assert agent.state == "isolated" and agent.request_ids == [res.command_id]
+    # the signed checkpoint after the isolate reached every gateway, sent by its holder
+    wait_for(lambda: all(any(e["action"] == "checkpoint" for e in ag.journal)
+                         for ag in fleet.agents.values()), 10, "the checkpoints")
     # only the holder of a gateway's lease opened a session to it
     assert set(sa_.targets) == held(a) and set(sb.targets) == held(b)
     res = a.restore(ADMIN, Targets(all=True), reason="all clear", ticket=None)
@@ -169,7 +176,8 @@ def test_a_clean_stop_hands_over_at_once(
     a.replicas.stop(release=True)
     took = wait_for(lambda: held(b) == set(NAMES), 5, "b to take everything")
     assert took < 1.5  # well before the 2 s TTL would have run out
-    assert [r.replica_id for r in b.replicas.overview()] == ["b"]  # type: ignore[union-attr]
+    assert [(r.replica_id, r.live) for r in b.replicas.overview()] == [  # type: ignore[union-attr]
+        ("a", False), ("b", True)]
 
 
 def test_a_replica_id_in_use_is_refused(
@@ -248,4 +256,19 @@ def test_rows_given_up_when_the_lease_lapses_are_queued_again_in_order(
     ops = [op for op, _ in agent.calls if op in ("isolate", "restore")]
     assert ops == ["isolate", "restore"] and agent.state == "open"  # in order, once each
     rows = a.replicas.queue.rows()
-    assert [(r["reason"], r["attempts"]) for r in rows][-1] == ("second", 2)
+    assert [r["attempts"] for r in rows if r["reason"] == "second"] == [2]
+
+
+def test_a_known_replica_without_its_head_file_is_an_alarm_not_a_join(
+        pair: tuple[Controller, Controller, Sessions, Sessions], tmp_path: Path,
+        fleet: FakeFleet, pg_url: str) -> None:
+    _, b, _, _ = pair
+    assert b.replicas is not None
+    b.replicas.stop(release=True)
+    b.close()
+    (tmp_path / "b" / "state" / "audit.head").unlink()  # b's head file is lost
+    again, _ = replica(tmp_path, "b", fleet, pg_url)
+    try:
+        assert again.audit.alarm is not None and "missing" in again.audit.alarm.problem
+    finally:
+        again.close()
