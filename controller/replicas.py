@@ -434,11 +434,17 @@ class Replicas:
         In one transaction, with the gateways' state rows locked: a retry keeps only the
         gateways still owed `retry_of`; a state change is recorded as owed (`pending`);
         the queue rows are inserted. `on_accept` gets the gateways accepted."""
-        if not self.started:
-            raise ControllerError("the replica is not started (Controller.start())",
-                                  code="internal")
         ctl = self.ctl
         names = [g.name for g in gateways]
+        if not names:
+            return []
+        if not self.started and not self.store.live():
+            # a command on the controller host (`drawbridge-controller ...`), and no
+            # replica serves: nobody holds these gateways to carry it out
+            return [failure(n, command.op, ControllerError(
+                "no controller replica is running (drawbridge-controller serve): nothing "
+                "holds this gateway to carry the request out", code="unreachable"), 0.0)
+                for n in names]
         with ctl.db.begin() as conn:
             current = ctl.states.locked(conn, names)
             chosen = names

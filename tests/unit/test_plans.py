@@ -145,7 +145,7 @@ def test_a_controller_killed_mid_stage_resumes_without_running_a_stage_twice(
     ctl.close()  # (the lease still names this controller, as after a SIGKILL)
 
     again = Controller(make_config(tmp_path, db_url=db_url, **FAST),
-                       session_factory=fake_fleet.factory).open()
+                       session_factory=fake_fleet.factory).start()
     try:
         status = settle(again, started.plan_id)
         assert status.state == "done"
@@ -254,7 +254,7 @@ def test_two_controllers_on_one_database_drive_a_plan_once(
     keys = {"audit_key_file": str(tmp_path / "audit.key"),
             "audit": {"checkpoint_key_file": str(tmp_path / "checkpoint.key")}}
     one, two = (Controller(make_config(tmp_path / n, db_url=db_url, **FAST, **keys),
-                           session_factory=fake_fleet.factory).open() for n in ("one", "two"))
+                           session_factory=fake_fleet.factory).start() for n in ("one", "two"))
     try:
         key = write_key(tmp_path)
         for i, name in enumerate(fake_fleet.agents):
