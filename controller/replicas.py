@@ -319,9 +319,13 @@ class Replicas:
                     request_id=cmd.command_id if mutating else None,
                     audit=cmd.audit if mutating else None)
         except Exception:
+            # not started (the pool is shutting down): back to the queue, for whoever
+            # holds the gateways next (a request that did go out is answered, not
+            # applied, when it is sent again under its command id)
             with self._lock:
                 for c in rows:
                     self._running.pop(c.seq, None)
+            self._requeue(list(rows))
             raise
         for c, fut in zip(rows, futures, strict=True):
             fut.add_done_callback(lambda f, c=c: self._done(c, f))  # type: ignore[misc]
