@@ -25,7 +25,6 @@ import itertools
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -39,6 +38,8 @@ from controller.holder_calls import Procedure
 from controller.holder_calls import procedures as holder_procedures
 from controller.inventory import Gateway
 from controller.lease_store import LeaseStore, Me, ReplicaView
+from controller.replica_orphans import report_orphans
+from controller.replica_results import ResultBoard, wait_for_results
 from controller.states import Pending
 
 if TYPE_CHECKING:
@@ -48,7 +49,6 @@ log = logging.getLogger("drawbridge.controller.replicas")
 
 ORPHANS_EVERY = 5.0  # seconds between looks for commands whose acceptor died
 PRUNE_EVERY = 300.0  # seconds between sweeps of finished queue rows
-FULL_READ_EVERY = 1.0  # a waiter reads even its local rows' results from the queue
 KEEP_FINISHED = 7 * 86400.0  # how long finished rows stay (the audit log keeps the story)
 
 
@@ -80,9 +80,7 @@ class Replicas:
         # finisher thread (one transaction for many rows), then handed to local waiters
         self._outbox: list[tuple[Claimed, GatewayResult | None]] = []  # None: requeue
         self._outbox_ready = threading.Condition()
-        self._local: dict[int, GatewayResult] = {}  # recorded here, not yet picked up
-        self._finished = threading.Condition()  # local waiters: a row finished here
-        self._waiting: set[int] = set()  # seqs that local waiters wait for
+        self._board = ResultBoard()
         self._stop = threading.Event()  # the keeper and the worker
         self._stop_finisher = threading.Event()  # after running requests drained
         self._threads: list[threading.Thread] = []
@@ -199,31 +197,8 @@ class Replicas:
 
     def report_orphans(self) -> int:
         """Record the outcome of commands whose accepting replica died before it could
-        (their gateways' holders carried them out); how many were recorded here."""
-        done = 0
-        for command_id in self.queue.orphaned(self.store.live()):
-            done += self.queue.report(command_id, self._record_orphan)
-        return done
-
-    def _record_orphan(self, cmd: QueuedCommand, rows: list[dict[str, Any]]) -> None:
-        from controller.audit import AuditEvent
-        from controller.service import audit_result
-
-        results = [GatewayResult.model_validate(r) for r in rows if r.get("gateway")]
-        counts = Counter(r.outcome for r in results)
-        ok = all(r.ok for r in results)
-        overall = "ok" if ok else ("failed" if not any(r.ok for r in results) else "partial")
-        log.info("recording %s %s: accepted by %s, which stopped before it could",
-                 cmd.action, cmd.command_id, cmd.accepted_by)
-        self.ctl.record(AuditEvent(
-            actor=cmd.actor, action=cmd.action, outcome=overall, reason=cmd.reason,
-            ticket=cmd.ticket, targets=tuple(r.gateway for r in results),
-            command_id=cmd.command_id,
-            detail={"op": cmd.op, "args": cmd.args, "counts": dict(counts),
-                    "results": [audit_result(r) for r in results],
-                    "accepted_by": cmd.accepted_by, "recorded_by": self.me.replica_id,
-                    "note": "the replica that accepted this command stopped before it "
-                            "finished; the replicas holding its gateways carried it out"}))
+        (controller/replica_orphans.py); how many were recorded here."""
+        return report_orphans(self.ctl, self.queue, self.store.live(), self.me.replica_id)
 
     def holds(self, name: str) -> bool:
         with self._lock:
@@ -421,11 +396,7 @@ class Replicas:
             self._requeue(rows)
             if any(r is None for _, r in batch):
                 self._wake.set()  # claim them again (if the lease is still ours)
-            with self._finished:
-                for c, r in batch:
-                    if r is not None and c.seq in self._waiting:
-                        self._local[c.seq] = r
-                self._finished.notify_all()
+            self._board.post((c.seq, r) for c, r in batch if r is not None)
 
     # -- the accepting side --------------------------------------------------------------
 
@@ -461,7 +432,11 @@ class Replicas:
             seqs = self.queue.insert(conn, command, chosen)
         on_accept(chosen)
         self._wake.set()
-        got = self.wait(dict(zip(seqs, chosen, strict=True)), command.op, on_result)
+        got = wait_for_results(self.queue, self._board, dict(zip(seqs, chosen, strict=True)),
+                               op=command.op, on_result=on_result,
+                               waited=self.wait_seconds(),
+                               poll=self.settings.queue_poll_seconds, held=self.held,
+                               clock=self.clock)
         return [got[s] for s in seqs]
 
     def wait_seconds(self) -> float:
@@ -469,58 +444,3 @@ class Replicas:
         request timeout, a takeover, and a reconnect, with room for the rows before it."""
         s, ssh = self.settings, self.ctl.config.ssh
         return 2 * ssh.request_timeout + 2 * s.lease_ttl_seconds + ssh.connect_timeout + 30
-
-    def wait(self, seqs: dict[int, str], op: str,
-             on_result: Callable[[GatewayResult], None]) -> dict[int, GatewayResult]:
-        """The rows' results as they come: those finished here are handed over in
-        memory, the others read from the queue every `queue_poll_seconds`."""
-        got: dict[int, GatewayResult] = {}
-        deadline = self.clock() + self.wait_seconds()
-        with self._finished:
-            self._waiting.update(seqs)
-        try:
-            next_read = 0.0
-            next_full = self.clock() + FULL_READ_EVERY
-            while True:
-                with self._finished:
-                    fresh = {s: self._local.pop(s) for s in seqs if s in self._local}
-                if self.clock() >= next_read:
-                    next_read = self.clock() + self.settings.queue_poll_seconds
-                    # ours come in memory: read the others' (and, now and then, all:
-                    # a lease may have moved meanwhile)
-                    full = self.clock() >= next_full
-                    if full:
-                        next_full = self.clock() + FULL_READ_EVERY
-                    held = set() if full else self.held()
-                    missing = [s for s in seqs if s not in got and s not in fresh
-                               and seqs[s] not in held]
-                    for seq, data in self.queue.results(missing).items():
-                        fresh[seq] = GatewayResult.model_validate(data)
-                for seq, res in fresh.items():
-                    if seq in got:
-                        continue
-                    got[seq] = res
-                    try:
-                        on_result(res)
-                    except Exception:
-                        log.exception("progress callback failed")
-                if len(got) == len(seqs):
-                    return got
-                if self.clock() > deadline:
-                    return {**got, **self._no_result(seqs, got, op)}
-                with self._finished:
-                    if not any(s in self._local for s in seqs):
-                        self._finished.wait(max(0.0, next_read - self.clock()))
-        finally:
-            with self._finished:
-                self._waiting.difference_update(seqs)
-                for s in seqs:
-                    self._local.pop(s, None)
-
-    def _no_result(self, seqs: dict[int, str], got: dict[int, GatewayResult],
-                   op: str) -> dict[int, GatewayResult]:
-        return {seq: GatewayResult(
-            gateway=name, op=op, outcome="failed", ok=False, error_code="no_result",
-            message=f"{name}: no result within {self.wait_seconds():.0f}s from the replica "
-            "holding this gateway; the command stays queued and is carried out when a "
-            "replica holds the gateway") for seq, name in seqs.items() if seq not in got}
