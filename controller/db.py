@@ -119,6 +119,9 @@ class Schema:
             sa.Column("last_command_id", sa.String(64)),
             sa.Column("host_key_seen", sa.String(80)),
             sa.Column("row_version", BigInt, nullable=False, server_default="0"),
+            sa.Column("agent_version", sa.String(64)),
+            sa.Column("config_digest", sa.String(32)),
+            sa.Column("profiles", sa.Text),
         )
         self.audit_checkpoints = sa.Table(
             "audit_checkpoints", m,
@@ -266,6 +269,16 @@ def _m3_checkpoints_plans(op: Operations) -> None:
     )
 
 
+def _m4_agent_facts(op: Operations) -> None:
+    # What each gateway runs (agent version, config digest) and which profiles it knows:
+    # an isolate naming a profile a gateway does not have is refused before anything is
+    # sent to any gateway.
+    for column in (sa.Column("agent_version", sa.String(64)),
+                   sa.Column("config_digest", sa.String(32)),
+                   sa.Column("profiles", sa.Text)):
+        op.add_column("gateway_state", column)
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -277,6 +290,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema: gateways, api_tokens, audit_log, gateway_state", _m1_initial),
     Migration(2, "gateway_state.row_version", _m2_row_version),
     Migration(3, "audit_checkpoints; plans", _m3_checkpoints_plans),
+    Migration(4, "gateway_state: agent_version, config_digest, profiles", _m4_agent_facts),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

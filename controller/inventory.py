@@ -91,6 +91,14 @@ class Gateway(BaseModel):
         return format_address(self.host, self.port)
 
 
+def require_absolute_key(name: str, key_path: str) -> None:
+    """The key is read by the controller service, on its host: a path relative to some
+    shell's directory would mean nothing there."""
+    if not Path(key_path).is_absolute():
+        raise InputError(f"{name}: --key must be an absolute path on the controller's host "
+                         f"(the controller service reads it): {key_path!r}")
+
+
 class Inventory:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -100,9 +108,7 @@ class Inventory:
         if gw.host_key is None and not gw.trust_on_first_use:
             raise InputError(f"{gw.name}: give the gateway's host key fingerprint "
                              "(--host-key SHA256:...) or ask for trust-on-first-use explicitly")
-        if not Path(gw.key_path).is_absolute():
-            raise InputError(f"{gw.name}: the key path must be absolute (it is read by the "
-                             f"controller service): {gw.key_path!r}")
+        require_absolute_key(gw.name, gw.key_path)
         t = self.table
         with self.db.begin() as conn:
             if conn.execute(sa.select(t.c.name).where(t.c.name == gw.name)).first():

@@ -189,6 +189,8 @@ class GatewayView(BaseModel):
     observed_at: float | None = None
     last_error_code: str | None = None
     last_error: str | None = None
+    agent_version: str | None = None  # what the gateway runs, from its last status
+    config_digest: str | None = None
     pending: PendingView | None = None
 
 

@@ -46,7 +46,7 @@ from controller.errors import (
 )
 from controller.exceptions import check_breadth
 from controller.fleet import CHANGE_OPS, EXCEPTION_OPS, Fleet, GatewayResult
-from controller.inventory import Gateway, Inventory, parse_address
+from controller.inventory import Gateway, Inventory, parse_address, require_absolute_key
 from controller.metrics import ControllerMetrics, FleetCollector
 from controller.plan_service import Plans
 from controller.plan_store import instance_id
@@ -218,8 +218,8 @@ class Controller:
     def require(self, principal: Principal, role: Role, what: str, *,
                 request: str | None = None) -> None:
         if not principal.can(role):
-            exc = Forbidden(f"{principal.user} has role {principal.role.name}; {what} needs "
-                            f"{role.name}")
+            exc = Forbidden(f"{what} needs the {role.name} role; {principal.user} has the "
+                            f"{principal.role.name} role")
             self.refused(principal, request or what, exc,
                          detail={"needed": role.name, "role": principal.role.name})
             raise exc
@@ -231,6 +231,7 @@ class Controller:
                     groups: Sequence[str], reason: str, ticket: str | None) -> Gateway:
         try:
             host, port = parse_address(address)
+            require_absolute_key(name, key_path)
             try:
                 load_private_key(key_path)
             except ConfigError as exc:
@@ -288,7 +289,8 @@ class Controller:
                 reason=st.gw_reason, drift_repairs=st.drift_repairs, problems=st.problems,
                 exceptions=st.exceptions, last_contact_at=st.last_contact_at,
                 observed_at=st.observed_at, last_error_code=st.last_error_code,
-                last_error=st.last_error,
+                last_error=st.last_error, agent_version=st.agent_version,
+                config_digest=st.config_digest,
                 pending=PendingView(command_id=p.command_id, action=p.action, op=p.op,
                                     profile=p.args.get("profile"), actor=p.actor,
                                     reason=p.reason, accepted_at=p.accepted_at,
@@ -306,9 +308,24 @@ class Controller:
 
     # -- commands ------------------------------------------------------------------------
 
+    def check_profile(self, principal: Principal, gateways: Sequence[Gateway],
+                      profile: str) -> None:
+        """Refuse a profile that a targeted gateway does not have (as its last status
+        said) before anything is sent to any gateway: bad input, not a failed command."""
+        missing = []
+        for gw in gateways:
+            known = self.states.get(gw.name).profiles
+            if known is not None and profile not in known:
+                missing.append(f"{gw.name} (it has: {', '.join(known)})")
+        if missing:
+            exc = InputError(f"unknown profile {profile!r} on {'; '.join(missing)}")
+            self.refused(principal, "isolate", exc, detail={"profile": profile})
+            raise exc
+
     def isolate(self, principal: Principal, targets: Targets, *, profile: str, reason: str,
                 ticket: str | None, emit: Emit = _noop) -> CommandResult:
         gateways = self.select(principal, targets, "isolate")
+        self.check_profile(principal, gateways, profile)
         return self.run_command(
             gateways, action="isolate", op="isolate", actor=principal.user, reason=reason,
             ticket=ticket, args={"profile": profile}, emit=emit)

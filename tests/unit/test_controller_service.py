@@ -176,6 +176,24 @@ def test_refusals_are_audited(ctl: Controller) -> None:
     assert "typo" in refused[0].reason
 
 
+def test_unknown_profile_is_refused_before_anything_is_sent(ctl: Controller,
+                                                            fake_fleet: FakeFleet) -> None:
+    fake_fleet.agents["gw3"].profiles = ["internet"]
+    # before the first poll the controller does not know the profiles: the agent decides
+    ctl.poll_once()
+    assert next(v for v in ctl.views() if v.name == "gw3").agent_version == "0.0-fake"
+    with pytest.raises(InputError) as err:
+        ctl.isolate(OPERATOR, ALL, profile="full", reason="typo?", ticket=None)
+    assert "gw3" in str(err.value) and "it has: internet" in str(err.value)
+    assert "gw0" not in str(err.value)  # the others do have it
+    assert all(not any(op == "isolate" for op, _ in a.calls) for a in fake_fleet.agents.values())
+    assert all(a.state == "open" for a in fake_fleet.agents.values())
+    refused = ctl.history(HistoryQuery(action="request.refused"))
+    assert [(r.actor, r.detail.get("profile")) for r in refused] == [("olga", "full")]
+    # the profile every targeted gateway has still goes through
+    assert ctl.isolate(OPERATOR, ALL, profile="internet", reason="x", ticket=None).ok
+
+
 def test_restart_keeps_inventory_history_and_state(tmp_path: Path, db_url: str) -> None:
     fleet = FakeFleet(["gw0", "gw1"])
     c = make_controller(tmp_path, fleet, db_url=db_url)
