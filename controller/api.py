@@ -40,6 +40,7 @@ from controller.schemas import (
     ExtendBody,
     GatewayAddBody,
     GatewayRemoveBody,
+    GatewayUpdateBody,
     GatewayView,
     Health,
     HistoryResponse,
@@ -268,6 +269,13 @@ def create_app(ctl: Controller) -> FastAPI:
                              trust_on_first_use=body.trust_on_first_use, groups=body.groups,
                              reason=body.reason, ticket=body.ticket)
         return next(v for v in ctl.views() if v.name == gw.name)
+
+    @app.patch("/v1/gateways/{name}", response_model=GatewayView, tags=["inventory"])
+    def update_gateway(name: str, body: GatewayUpdateBody, p: Admin) -> GatewayView:
+        ctl.update_gateway(p, name, reason=body.reason, ticket=body.ticket,
+                           address=body.address, user=body.user, key_path=body.key_path,
+                           host_key=body.host_key, trust_on_first_use=body.trust_on_first_use)
+        return next(v for v in ctl.views() if v.name == name)
 
     @app.delete("/v1/gateways/{name}", tags=["inventory"])
     def remove_gateway(name: str, body: GatewayRemoveBody, p: Admin) -> dict[str, str]:

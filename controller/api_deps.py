@@ -34,6 +34,7 @@ REQUEST_NAMES = {
     ("POST", "isolate"): "isolating gateways", ("POST", "restore"): "restoring gateways",
     ("POST", "allow"): "changing exceptions", ("POST", "probe"): "running probes",
     ("POST", "gateways"): "adding a gateway", ("DELETE", "gateways"): "removing a gateway",
+    ("PATCH", "gateways"): "changing a gateway",
     ("POST", "tokens"): "creating an API token", ("GET", "tokens"): "listing API tokens",
     ("POST", "plans"): "driving a restore plan", ("POST", "audit"): "changing the audit log",
 }

@@ -511,6 +511,38 @@ def gateway_add(
                   f"{view['host_key'] or 'to be pinned on first use'}", highlight=False)
 
 
+@gateway_app.command("update")
+def gateway_update(
+    name: str,
+    reason: AuditReasonOpt,
+    host_key: Annotated[str | None, typer.Option(
+        help="Re-pin the host key, SHA256:... (the gateway was reinstalled or its key "
+             "rotated; ssh-keygen -lf on the gateway's host key).")] = None,
+    trust_on_first_use: Annotated[bool, typer.Option(
+        "--trust-on-first-use", help="Forget the pinned key; pin whatever key is seen "
+                                     "next.")] = False,
+    key: Annotated[str | None, typer.Option(help=(
+        "A new private key for the controller (absolute path on the controller's host): "
+        "rotating the controller's key. Its public key must already be in the gateway's "
+        "authorized_keys."))] = None,
+    user: Annotated[str | None, typer.Option(help="A new SSH login.")] = None,
+    address: Annotated[str | None, typer.Option(help="A new HOST[:PORT] of the sshd.")] = None,
+    ticket: TicketOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change how the controller reaches a gateway; its state and history stay. The session
+    is reopened with the new settings."""
+    body = {"host_key": host_key, "trust_on_first_use": trust_on_first_use, "key_path": key,
+            "user": user, "address": address, "reason": reason, "ticket": ticket}
+    view = call("PATCH", f"/v1/gateways/{name}", body)
+    if as_json:
+        print_json(view)
+    else:
+        out.print(f"updated {view['name']} ({view['address']}, user {view['user']}, key "
+                  f"{view['key_path']}), host key "
+                  f"{view['host_key'] or 'to be pinned on first use'}", highlight=False)
+
+
 @gateway_app.command("list")
 def gateway_list(as_json: JsonOpt = False) -> None:
     """The inventory."""
@@ -528,7 +560,7 @@ def gateway_list(as_json: JsonOpt = False) -> None:
 @gateway_app.command("remove")
 def gateway_remove(
     name: str,
-    reason: ReasonOpt,
+    reason: AuditReasonOpt,
     ticket: TicketOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -544,7 +576,7 @@ def gateway_remove(
 def token_create(
     user: Annotated[str, typer.Option(help="User name.")],
     role: Annotated[str, typer.Option(help="viewer, operator or admin.")],
-    reason: ReasonOpt,
+    reason: AuditReasonOpt,
     description: Annotated[str, typer.Option(help="What it is for.")] = "",
 ) -> None:
     """Create an API token for a user (printed once)."""

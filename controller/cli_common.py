@@ -64,6 +64,8 @@ def call(method: str, path: str, body: Any = None, **params: Any) -> Any:
             return api.get(path, **params)
         if method == "DELETE":
             return api.delete(path, body)
+        if method == "PATCH":
+            return api.patch(path, body)
         return api.post(path, body)
     except ClientError as exc:
         fail(str(exc), exit_code_for(exc))

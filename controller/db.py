@@ -401,6 +401,12 @@ class Database:
             value = conn.execute(sa.select(sa.func.max(self.schema.schema_version.c.version)))
             return int(value.scalar() or 0)
 
+    def audit_records(self) -> int:
+        """How many records the audit chain holds (0: none yet)."""
+        with self.begin() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(
+                self.schema.audit_log)).scalar() or 0)
+
     def migrate(self, *, target: int = LATEST_VERSION) -> list[int]:
         """Apply every migration newer than the database, up to `target` (tests stop at
         older versions); returns the versions applied. Two controllers starting at once

@@ -147,6 +147,27 @@ class Inventory:
             conn.execute(self.table.delete().where(self.table.c.name == name))
         return gw
 
+    def update(self, name: str, **changes: object) -> tuple[Gateway, Gateway]:
+        """Change some fields of a gateway (validated as a whole); (before, after)."""
+        t = self.table
+        with self.db.begin() as conn:
+            row = conn.execute(sa.select(t).where(t.c.name == name).with_for_update()).first()
+            if row is None:
+                raise NotFound(f"no gateway called {name!r} in the inventory")
+            before = _gateway(row._asdict())
+            after = Gateway.model_validate({**before.model_dump(), **changes})
+            require_absolute_key(name, after.key_path)
+            if (after.host, after.port) != (before.host, before.port):
+                same = conn.execute(sa.select(t.c.name).where(
+                    t.c.host == after.host, t.c.port == after.port, t.c.name != name)).first()
+                if same:
+                    raise Conflict(f"{after.address} is already in the inventory as "
+                                   f"{same.name!r}")
+            conn.execute(t.update().where(t.c.name == name).values(
+                host=after.host, port=after.port, user=after.user, key_path=after.key_path,
+                host_key=after.host_key, trust_on_first_use=after.trust_on_first_use))
+        return before, after
+
     def pin_host_key(self, name: str, fingerprint: str) -> None:
         """Trust-on-first-use: record the key seen first; later connections must match."""
         check_fingerprint(fingerprint)

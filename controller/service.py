@@ -132,7 +132,8 @@ class Controller:
             raise ConfigError(f"cannot create state dir {self.config.state_dir}: "
                               f"{exc.strerror}") from None
         self.db.migrate()
-        key = AuditKey.load_or_create(self.config.audit_key_path)
+        key = AuditKey.load_or_create(self.config.audit_key_path,
+                                      chain_length=self.db.audit_records())
         signer = CheckpointKey.load_or_create(self.config.checkpoint_key_path)
         self._audit = AuditLog(self.db, key, head_path=self.config.audit_head_path,
                                on_alarm=self._on_alarm)
@@ -255,6 +256,51 @@ class Controller:
                     "host_key": gw.host_key, "trust_on_first_use": gw.trust_on_first_use,
                     "groups": list(gw.groups)}))
         return gw
+
+    def update_gateway(self, principal: Principal, name: str, *, reason: str,
+                       ticket: str | None, address: str | None = None,
+                       user: str | None = None, key_path: str | None = None,
+                       host_key: str | None = None, trust_on_first_use: bool = False
+                       ) -> Gateway:
+        """Re-pin a host key (the gateway was reinstalled, or its key rotated), rotate the
+        controller's key, follow a moved sshd: audited, and the session is reopened with
+        the new settings. State, pending change and history stay."""
+        changes: dict[str, object] = {}
+        try:
+            if host_key is not None and trust_on_first_use:
+                raise InputError("give --host-key or --trust-on-first-use, not both")
+            if address is not None:
+                changes["host"], changes["port"] = parse_address(address)
+            if user is not None:
+                changes["user"] = user
+            if key_path is not None:
+                require_absolute_key(name, key_path)
+                try:
+                    load_private_key(key_path)
+                except ConfigError as exc:
+                    raise InputError(exc.message) from None
+                changes["key_path"] = key_path
+            if host_key is not None or trust_on_first_use:
+                changes.update(host_key=host_key, trust_on_first_use=trust_on_first_use)
+            if not changes:
+                raise InputError("nothing to change: give --host-key, --trust-on-first-use, "
+                                 "--key, --user or --address")
+            before, after = self.inventory.update(name, **changes)
+        except ValidationError as exc:
+            err = InputError(f"invalid gateway: {exc.errors()[0]['msg']}")
+            self.refused(principal, "gateway.update", err, detail={"gateway": name})
+            raise err from None
+        except ControllerError as exc:
+            self.refused(principal, "gateway.update", exc, detail={"gateway": name})
+            raise
+        self.links.remove(name)  # the next request connects with the new settings
+        old, new = before.model_dump(), after.model_dump()
+        fields = ("host", "port", "user", "key_path", "host_key", "trust_on_first_use")
+        self.record(AuditEvent(
+            actor=principal.user, action="gateway.update", outcome="ok", reason=reason,
+            ticket=ticket, targets=(name,),
+            detail={"changed": {f: [old[f], new[f]] for f in fields if old[f] != new[f]}}))
+        return after
 
     def remove_gateway(self, principal: Principal, name: str, *, reason: str,
                        ticket: str | None) -> Gateway:

@@ -20,7 +20,7 @@ from controller.auth import Role
 from controller.cli import app
 from controller.service import Controller
 from tests.storage import raw_sql
-from tests.unit.test_controller_support import KEY_A, FakeFleet, make_controller, write_key
+from tests.unit.test_controller_support import KEY_A, KEY_B, FakeFleet, make_controller, write_key
 
 
 @pytest.fixture
@@ -124,6 +124,17 @@ def test_gateway_add_list_remove(served, tmp_path: Path) -> None:  # type: ignor
     code, out = run(url, tokens["viewer"], "gateway", "list", "--json")
     assert {"gw9": "10.99.0.109:2222"}.items() <= {g["name"]: g["address"]
                                                    for g in json.loads(out)}.items()
+    code, out = run(url, tokens["operator"], "gateway", "update", "gw9", "--host-key", KEY_B,
+                    "--reason", "reinstalled")
+    assert code == 3 and "changing a gateway needs the admin role" in out, out
+    code, out = run(url, tokens["admin"], "gateway", "update", "gw9", "--host-key", KEY_B,
+                    "--address", "10.99.0.109:2200", "--reason", "reinstalled", "--json")
+    assert code == 0, out
+    assert (json.loads(out)["host_key"], json.loads(out)["address"]) == (KEY_B,
+                                                                         "10.99.0.109:2200")
+    code, out = run(url, tokens["admin"], "gateway", "update", "gw9", "--host-key", KEY_B,
+                    "--trust-on-first-use", "--reason", "x")
+    assert code == 2 and "not both" in out
     code, out = run(url, tokens["admin"], "gateway", "remove", "gw9", "--reason", "typo")
     assert code == 0
     assert "gw9" not in run(url, tokens["viewer"], "gateway", "list")[1]
