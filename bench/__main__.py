@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, each writing its own section of BENCHMARKS.md.
 
-    .venv/bin/python -m bench [apply] [probes] [fleet]     (default: all three)
+    .venv/bin/python -m bench [apply] [probes] [fleet] [flows] [recovery]   (default: all)
 
 Runs as root; everything happens inside namespaces the benchmarks create.
 """
@@ -8,23 +8,34 @@ Runs as root; everything happens inside namespaces the benchmarks create.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
-from bench import apply, fleet, probe_sweep
+from bench import apply, fleet, flows, probe_sweep, recovery
+
+
+def _apply() -> None:
+    sys.argv = ["bench.apply", "--write"]
+    apply.main()
+
+
+BENCHMARKS: dict[str, Callable[[], None]] = {
+    "apply": _apply,
+    "probes": lambda: probe_sweep.main(["--write"]),
+    "fleet": lambda: fleet.main([]),
+    "flows": lambda: flows.main(["--write"]),
+    "recovery": lambda: recovery.main(["--write"]),
+}
 
 
 def main() -> None:
-    chosen = set(sys.argv[1:]) or {"apply", "probes", "fleet"}
-    unknown = chosen - {"apply", "probes", "fleet"}
+    chosen = sys.argv[1:] or list(BENCHMARKS)
+    unknown = set(chosen) - set(BENCHMARKS)
     if unknown:
         sys.exit(f"unknown benchmark(s): {', '.join(sorted(unknown))}; "
-                 "choose from apply, probes, fleet")
-    if "apply" in chosen:
-        sys.argv = ["bench.apply", "--write"]
-        apply.main()
-    if "probes" in chosen:
-        probe_sweep.main(["--write"])
-    if "fleet" in chosen:
-        fleet.main([])
+                 f"choose from {', '.join(BENCHMARKS)}")
+    for name in BENCHMARKS:
+        if name in chosen:
+            BENCHMARKS[name]()
 
 
 if __name__ == "__main__":
