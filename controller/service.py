@@ -9,6 +9,7 @@ died in between.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -16,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -89,6 +90,15 @@ def audit_result(res: GatewayResult) -> dict[str, Any]:
         if "probes" in res.result:
             keep["probes"] = res.result["probes"]
     return keep
+
+
+def _check_key(name: str, key_path: str) -> None:
+    """The controller's private key for a gateway: an absolute path that it can load."""
+    require_absolute_key(name, key_path)
+    try:
+        load_private_key(key_path)
+    except ConfigError as exc:
+        raise InputError(exc.message) from None
 
 
 class Controller:
@@ -227,27 +237,30 @@ class Controller:
 
     # -- inventory -----------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _inventory_change(self, principal: Principal, request: str, name: str
+                          ) -> Iterator[None]:
+        """Bad input to an inventory change is refused, audited, and changes nothing."""
+        try:
+            yield
+        except ValidationError as exc:
+            err = InputError(f"invalid gateway: {exc.errors()[0]['msg']}")
+            self.refused(principal, request, err, detail={"gateway": name})
+            raise err from None
+        except ControllerError as exc:
+            self.refused(principal, request, exc, detail={"gateway": name})
+            raise
+
     def add_gateway(self, principal: Principal, *, name: str, address: str, user: str,
                     key_path: str, host_key: str | None, trust_on_first_use: bool,
                     groups: Sequence[str], reason: str, ticket: str | None) -> Gateway:
-        try:
+        with self._inventory_change(principal, "gateway.add", name):
             host, port = parse_address(address)
-            require_absolute_key(name, key_path)
-            try:
-                load_private_key(key_path)
-            except ConfigError as exc:
-                raise InputError(exc.message) from None
+            _check_key(name, key_path)
             gw = Gateway(name=name, host=host, port=port, user=user, key_path=key_path,
                          host_key=host_key, trust_on_first_use=trust_on_first_use,
                          groups=tuple(groups), created_by=principal.user)
             gw = self.inventory.add(gw)
-        except ValidationError as exc:
-            err = InputError(f"invalid gateway: {exc.errors()[0]['msg']}")
-            self.refused(principal, "gateway.add", err, detail={"gateway": name})
-            raise err from None
-        except ControllerError as exc:
-            self.refused(principal, "gateway.add", exc, detail={"gateway": name})
-            raise
         self.states.delete(name)  # a re-added name starts with a clean slate
         self.record(AuditEvent(
             actor=principal.user, action="gateway.add", outcome="ok", reason=reason,
@@ -266,7 +279,7 @@ class Controller:
         controller's key, follow a moved sshd: audited, and the session is reopened with
         the new settings. State, pending change and history stay."""
         changes: dict[str, object] = {}
-        try:
+        with self._inventory_change(principal, "gateway.update", name):
             if host_key is not None and trust_on_first_use:
                 raise InputError("give --host-key or --trust-on-first-use, not both")
             if address is not None:
@@ -274,11 +287,7 @@ class Controller:
             if user is not None:
                 changes["user"] = user
             if key_path is not None:
-                require_absolute_key(name, key_path)
-                try:
-                    load_private_key(key_path)
-                except ConfigError as exc:
-                    raise InputError(exc.message) from None
+                _check_key(name, key_path)
                 changes["key_path"] = key_path
             if host_key is not None or trust_on_first_use:
                 changes.update(host_key=host_key, trust_on_first_use=trust_on_first_use)
@@ -286,13 +295,6 @@ class Controller:
                 raise InputError("nothing to change: give --host-key, --trust-on-first-use, "
                                  "--key, --user or --address")
             before, after = self.inventory.update(name, **changes)
-        except ValidationError as exc:
-            err = InputError(f"invalid gateway: {exc.errors()[0]['msg']}")
-            self.refused(principal, "gateway.update", err, detail={"gateway": name})
-            raise err from None
-        except ControllerError as exc:
-            self.refused(principal, "gateway.update", exc, detail={"gateway": name})
-            raise
         self.links.remove(name)  # the next request connects with the new settings
         old, new = before.model_dump(), after.model_dump()
         fields = ("host", "port", "user", "key_path", "host_key", "trust_on_first_use")
