@@ -232,6 +232,7 @@ def test_restart_keeps_inventory_history_and_state(tmp_path: Path, db_url: str) 
     c = make_controller(tmp_path, fleet, db_url=db_url)
     fleet.agents["gw1"].up = False
     c.isolate(OPERATOR, ALL, profile="internet", reason="x", ticket="T-1")
+    c.checkpoints.wait()  # the checkpoint after the isolate (and its record) first
     before = (c.views(), c.history(HistoryQuery()))
     c.close()
     again = make_controller(tmp_path, fleet, db_url=db_url, add=False)
