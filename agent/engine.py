@@ -291,6 +291,7 @@ class Engine(ExceptionVerbs):
             drift_repairs=self.stats.drift_repairs, bypass=self.kernel.bypasses(),
             agent_version=package_version(), config_digest=self.config_digest,
             provisional=state.provisional, unconfirmed=state.unconfirmed,
+            profiles=tuple(self.config.profile_names()),
             unresolved=tuple(f"management host {h}: {e}"
                              for h, e in sorted(self.hosts.failures().items())),
         )

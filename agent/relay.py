@@ -13,24 +13,41 @@ the agent answers once (replay.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import socket
 import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from agent.wire import DEFAULT_CONFIG, DEFAULT_STATE_DIR, SOCKET_FILE, encode, read_lines
 
 Answer = Callable[[bytes], bytes]
 
 
+_TABLE_HEADER = re.compile(r"^[ \t]*\[", re.M)
+
+
+def top_level_keys(text: str) -> dict[str, Any]:
+    """The config's top-level keys, parsed from the text before its first table header
+    (TOML puts them there): a profile of 100k allow entries further down costs nothing
+    here. A cut that lands inside a multi-line value leaves something unclosed, which
+    fails to parse: then the whole text is parsed."""
+    header = _TABLE_HEADER.search(text)
+    if header is not None:
+        with contextlib.suppress(tomllib.TOMLDecodeError):
+            return tomllib.loads(text[:header.start()])
+    return tomllib.loads(text)
+
+
 def state_dir_of(config_path: Path) -> Path:
     """Where the daemon's socket lives (the config's state_dir, unvalidated)."""
     try:
-        data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        data = top_level_keys(config_path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
         return DEFAULT_STATE_DIR  # the direct path reports the config error properly
     value = data.get("state_dir")

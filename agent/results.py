@@ -88,6 +88,7 @@ class Status(BaseModel):
     config_digest: str = ""  # which config the agent runs (config.config_digest)
     provisional: Provisional | None = None
     unconfirmed: str = ""
+    profiles: tuple[str, ...] = ()  # what this gateway's config offers
 
 
 class Phases:

@@ -80,7 +80,13 @@ def inside(sizes: list[int], reps: int, outside: str) -> dict[str, Any]:
     from agent.config import parse_config
     from agent.engine import Engine
     from agent.nft.render import render
-    from agent.requests import AllowRequest, ExtendRequest, IsolateRequest, RevokeRequest
+    from agent.requests import (
+        AllowRequest,
+        ExtendRequest,
+        IsolateRequest,
+        RestoreRequest,
+        RevokeRequest,
+    )
     from bench.stateless import render_stateless
 
     def nft_f(script: str, tmp: str) -> float:
@@ -99,6 +105,8 @@ def inside(sizes: list[int], reps: int, outside: str) -> dict[str, Any]:
             stateful, stateless = render(policy), render_stateless(policy)
             replace, raw_stateful, raw_stateless = [], [], []
             for i in range(reps):
+                # the same profile again is a no-op now: apply the whole table from open
+                engine.restore(RestoreRequest(reason=f"bench {i}"))
                 r = engine.isolate(IsolateRequest(profile=profile, reason=f"bench {i}"))
                 assert r.in_sync, r.problems
                 replace.append(r.timings["policy"] + r.timings["check"] + r.timings["apply"])
@@ -174,7 +182,10 @@ def run(sizes: list[int], reps: int, seconds: int, runs: int) -> dict[str, Any]:
     with Lab.create(gateways=1) as lab:
         gw = lab.gateways[0]
         proc = lab.run(gw.ns, [sys.executable, "-m", "bench.flows", "--inside", "--sizes",
-                               ",".join(map(str, sizes)), "--reps", str(reps)], timeout=3600)
+                               ",".join(map(str, sizes)), "--reps", str(reps)], timeout=3600,
+                       check=False)
+        if proc.returncode != 0:
+            sys.exit(f"bench.flows failed inside the gateway:\n{proc.stderr}")
         engine = json.loads(proc.stdout)
         config = parse_config(config_data(str(lab.workdir), sizes, lab.outside_addr4))
         throughput: dict[str, Any] = {}

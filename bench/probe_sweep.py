@@ -9,7 +9,7 @@ Needs root. Everything runs in a namespace lab this script builds and removes
 silently drops half of the targets, so half are reachable and half filtered.
 From the gateway namespace, in the same run and on the same targets:
 
-- ICMP: our sweep (`agent.probes.measure`) vs `fping -r 0 -t TIMEOUT -i 0` and
+- ICMP: our sweep (`agent.probe_sweep.measure`) vs `fping -r 0 -t TIMEOUT -i 0` and
   `-i 1` (same timeout, no retries; 0 or 1 ms between targets, fping's default is 10);
 - TCP: our `tcp-syn` and `tcp` sweeps vs a plain asyncio connect loop
   (`asyncio.gather` of `open_connection` with the same timeout).
@@ -83,7 +83,9 @@ async def _connect_all(addrs: Sequence[str], port: int, timeout: float) -> list[
 
 def inside_sweeps(n: int, timeout: float, reps: int) -> dict[str, Any]:
     """Runs in the gateway namespace: every tool on the same targets, `reps` times each."""
-    from agent.probes import ProbeSpec, load_scapy, measure
+    from agent.probe_sweep import measure
+    from agent.probe_types import ProbeSpec
+    from agent.probe_wire import load_scapy
 
     up, down = targets(n)
     addrs = up + down

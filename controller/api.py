@@ -43,6 +43,7 @@ from controller.schemas import (
     ExtendBody,
     GatewayAddBody,
     GatewayRemoveBody,
+    GatewayUpdateBody,
     GatewayView,
     Health,
     HistoryResponse,
@@ -199,6 +200,18 @@ def _ui_secret(ctl: Controller) -> bytes:
     return hmac.new(ctl.audit.key, b"drawbridge /ui csrf secret v1", hashlib.sha256).digest()
 
 
+def describe_invalid(error: Any) -> str:
+    """One validation error in words: the field and the problem; a body that is not JSON
+    says so and where (FastAPI's location is then a character offset, not a field)."""
+    loc = [str(p) for p in error.get("loc", ())]
+    if error.get("type") == "json_invalid":
+        where = f" at character {loc[1]}" if len(loc) > 1 else ""
+        cause = (error.get("ctx") or {}).get("error", "")
+        return f"the body is not valid JSON{where}" + (f" ({cause})" if cause else "")
+    field = ".".join(loc[1:] or loc)
+    return f"{field}: {str(error.get('msg', '')).removeprefix('Value error, ')}"
+
+
 def create_app(ctl: Controller) -> FastAPI:
     app = FastAPI(
         title="Drawbridge controller",
@@ -227,9 +240,7 @@ def create_app(ctl: Controller) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = [{"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", "")}
                    for e in exc.errors()]
-        parts = [f"{'.'.join(d['loc'][1:] or d['loc'])}: "
-                 f"{str(d['msg']).removeprefix('Value error, ')}" for d in details[:5]]
-        message = "invalid request: " + "; ".join(parts)
+        message = "invalid request: " + "; ".join(describe_invalid(e) for e in exc.errors()[:5])
         principal = getattr(request.state, "principal", None)
         refusal = InputError(message)
         await anyio.to_thread.run_sync(lambda: ctl.refused(
@@ -280,6 +291,13 @@ def create_app(ctl: Controller) -> FastAPI:
                              reason=body.reason, ticket=body.ticket)
         return next(v for v in ctl.views() if v.name == gw.name)
 
+    @app.patch("/v1/gateways/{name}", response_model=GatewayView, tags=["inventory"])
+    def update_gateway(name: str, body: GatewayUpdateBody, p: Admin) -> GatewayView:
+        ctl.update_gateway(p, name, reason=body.reason, ticket=body.ticket,
+                           address=body.address, user=body.user, key_path=body.key_path,
+                           host_key=body.host_key, trust_on_first_use=body.trust_on_first_use)
+        return next(v for v in ctl.views() if v.name == name)
+
     @app.delete("/v1/gateways/{name}", tags=["inventory"])
     def remove_gateway(name: str, body: GatewayRemoveBody, p: Admin) -> dict[str, str]:
         ctl.remove_gateway(p, name, reason=body.reason, ticket=body.ticket)
@@ -296,6 +314,7 @@ def create_app(ctl: Controller) -> FastAPI:
     @app.post("/v1/isolate", response_model=CommandResult, tags=["commands"])
     def isolate(body: IsolateBody, p: Operator, request: Request) -> Any:
         gateways = ctl.select(p, body.targets, "isolate")
+        ctl.check_profile(p, gateways, body.profile)
 
         def run(emit: Emit) -> CommandResult:
             return ctl.run_command(gateways, action="isolate", op="isolate", actor=p.user,

@@ -29,12 +29,28 @@ def principal_of(request: Request) -> Principal:
     return principal
 
 
+# What a request does, in the words of a refusal ("adding a gateway needs the admin role").
+REQUEST_NAMES = {
+    ("POST", "isolate"): "isolating gateways", ("POST", "restore"): "restoring gateways",
+    ("POST", "allow"): "changing exceptions", ("POST", "probe"): "running probes",
+    ("POST", "gateways"): "adding a gateway", ("DELETE", "gateways"): "removing a gateway",
+    ("PATCH", "gateways"): "changing a gateway",
+    ("POST", "tokens"): "creating an API token", ("GET", "tokens"): "listing API tokens",
+    ("POST", "plans"): "driving a restore plan", ("POST", "audit"): "changing the audit log",
+}
+
+
+def request_name(method: str, path: str) -> str:
+    section = path.removeprefix("/v1/").split("/")[0]
+    return REQUEST_NAMES.get((method, section), f"{method} {path}")
+
+
 def needs(role: Role) -> Callable[[Request], Principal]:
     def check(request: Request) -> Principal:
         principal = principal_of(request)
         ctl: Controller = request.app.state.controller
         path = request.url.path
-        what = {"GET": "reading"}.get(request.method, path.removeprefix("/v1/").split("/")[0])
+        what = request_name(request.method, path)
         ctl.require(principal, role, what, request=f"{request.method} {path}")
         return principal
     return check

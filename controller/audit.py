@@ -98,6 +98,9 @@ class AuditLog:
 
     @property
     def alarm(self) -> TamperAlarm | None:
+        if self._alarm is not None:
+            with self._lock:
+                self._acknowledged_elsewhere()
         return self._alarm
 
     # -- the head guard ------------------------------------------------------------------
@@ -218,6 +221,36 @@ class AuditLog:
         self.on_alarm(None)
         return record_from_row(row)
 
+    def _acknowledged_elsewhere(self) -> bool:
+        """Under self._lock, while an alarm holds: did an admin acknowledge it from another
+        process on this state dir (`drawbridge-controller audit acknowledge` on the host)?
+        Then the head file names a record that the chain holds, and the chain has an
+        acknowledgement made since the alarm: the alarm is lifted here too."""
+        alarm = self._alarm
+        if alarm is None or self.head_file is None:
+            return alarm is None
+        try:
+            on_disk = self.head_file.read()
+        except HeadUnreadable:
+            return False
+        if on_disk is None:
+            return False
+        t = self.table
+        with self.db.begin() as conn:
+            tail = self._tail(conn)
+            if compare_head(on_disk, tail, self._hash_at(conn, on_disk.seq)) is not None:
+                return False
+            acked = conn.execute(sa.select(t.c.seq).where(
+                t.c.action == ACK_ACTION, t.c.seq <= on_disk.seq,
+                t.c.ts_us >= int(alarm.since * 1_000_000)).limit(1)).first()
+        if acked is None:
+            return False
+        self._expected, self._alarm = on_disk, None
+        log.warning("tamper alarm acknowledged by another process (audit record #%s)",
+                    acked.seq)
+        self.on_alarm(None)
+        return True
+
     def raise_alarm(self, problem: str) -> TamperAlarm:
         """A break found by someone else (e.g. the checks before a checkpoint)."""
         with self._lock:
@@ -261,7 +294,7 @@ class AuditLog:
         across controllers sharing one PostgreSQL database); durable when it returns.
         AuditTampered while a tamper alarm holds the log."""
         with self._lock:
-            if self._alarm is not None:
+            if self._alarm is not None and not self._acknowledged_elsewhere():
                 raise self._refusal()
             problem: str | None = None
             for attempt in range(5):

@@ -108,16 +108,25 @@ class AuditKey:
         self.key = key
 
     @classmethod
-    def load_or_create(cls, path: Path) -> AuditKey:
+    def load_or_create(cls, path: Path, *, chain_length: int = 0) -> AuditKey:
+        """`chain_length`: records the database already holds. A key made now could not
+        verify them nor extend their chain: a missing key is then an error, never a new
+        key (restore it from the backup)."""
         try:
             text = path.read_text(encoding="ascii").strip()
         except FileNotFoundError:
+            if chain_length:
+                raise ConfigError(
+                    f"audit key {path} is missing, and the database holds an audit chain of "
+                    f"{chain_length} records made with it: restore the key from your backup "
+                    "(every replica uses the same key file). A new key would make the whole "
+                    "chain fail verification.") from None
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             text = secrets.token_hex(32)
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:  # created concurrently: use theirs
-                return cls.load_or_create(path)
+                return cls.load_or_create(path, chain_length=chain_length)
             with os.fdopen(fd, "w", encoding="ascii") as fh:
                 fh.write(text + "\n")
         except OSError as exc:

@@ -31,6 +31,7 @@ from controller.cli_common import (
     EXIT_INPUT,
     EXIT_UNVERIFIED,
     AllOpt,
+    AuditReasonOpt,
     GroupOpt,
     JsonOpt,
     NamesArg,
@@ -49,8 +50,20 @@ from controller.cli_common import (
 from controller.cli_plans import plan_app, restore_with_plan
 from controller.client import ClientError
 
-app = typer.Typer(help="Drawbridge: isolate and restore gateways fleet-wide, with proof.",
-                  no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+HELP = """Drawbridge: isolate and restore gateways fleet-wide, with proof.
+
+\b
+Where and who (environment):
+  DRAWBRIDGE_URL    the controller's API (default http://127.0.0.1:8630)
+  DRAWBRIDGE_TOKEN  your API token (an admin makes one: drawbridge token create)
+
+\b
+Exit codes: 0 done (and verified); 1 a gateway failed or was unreachable;
+2 bad input; 3 no token or not allowed; 4 controller unreachable or error;
+6 applied but not verified; 7 a restore plan waits for a person.
+"""
+
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 gateway_app = typer.Typer(help="The gateway inventory.", no_args_is_help=True,
                           rich_markup_mode=None)
 token_app = typer.Typer(help="API tokens (admin).", no_args_is_help=True, rich_markup_mode=None)
@@ -64,7 +77,7 @@ app.add_typer(plan_app, name="plan")
 def main_options(_version: Annotated[bool, typer.Option(
         "--version", is_eager=True, callback=version_callback("drawbridge"),
         help="Print the version and exit.")] = False) -> None:
-    """Drawbridge: isolate and restore gateways fleet-wide, with proof."""
+    pass  # the options every command shares; the help is the app's (HELP)
 
 # -- commands with fan-out ---------------------------------------------------------------
 
@@ -339,7 +352,7 @@ def status(
         print_json(views)
     else:
         table = Table("gateway", "reach", "state", "profile", "verification", "since",
-                      "by", "reason", "pending / last error")
+                      "by", "reason", "agent / config", "pending / last error")
         for v in views:
             reach = {True: "[green]up[/]", False: "[red]DOWN[/]"}.get(v["reachable"], "?")
             verification = v.get("verification") or "-"
@@ -354,13 +367,19 @@ def status(
                 note = (note + "; " if note else "") + v["last_error"]
             table.add_row(v["name"], reach, v.get("state") or "?", v.get("profile") or "-",
                           verification, when(v.get("since")), v.get("actor") or "-",
-                          v.get("reason") or "-", note)
+                          v.get("reason") or "-", agent_label(v), note)
         out.print(table)
     if any(v["reachable"] is False for v in views):
         raise typer.Exit(EXIT_FAILED)
     if any(v.get("state") == "isolated" and (v.get("verification") != "verified"
                                              or v.get("in_sync") is False) for v in views):
         raise typer.Exit(EXIT_UNVERIFIED)
+
+
+def agent_label(view: dict[str, Any]) -> str:
+    """Which agent and config a gateway runs: a mixed fleet shows during an upgrade."""
+    digest = (view.get("config_digest") or "").removeprefix("sha256:")[:8]
+    return f"{view.get('agent_version') or '?'} / {digest or '?'}"
 
 
 CSV_FIELDS = ("seq", "time", "actor", "action", "outcome", "targets", "reason", "ticket",
@@ -462,16 +481,17 @@ def report(
 def gateway_add(
     name: str,
     address: Annotated[str, typer.Option(help="HOST[:PORT] of the gateway's sshd.")],
-    key: Annotated[Path, typer.Option(help="Private key the controller uses (restricted "
-                                           "on the gateway to the agent's forced command).")],
+    key: Annotated[str, typer.Option(help=(
+        "Absolute path, on the controller's host, of the private key the controller service "
+        "logs in with (restricted on the gateway to the agent's forced command). The "
+        "service reads it; this command does not."))],
+    reason: AuditReasonOpt,
     user: Annotated[str, typer.Option(help="SSH login.")] = "root",
     host_key: Annotated[str | None, typer.Option(help="Pinned host key, SHA256:...")] = None,
     trust_on_first_use: Annotated[bool, typer.Option(
         "--trust-on-first-use", help="No fingerprint: pin whatever key is seen first.")]
     = False,
     group: Annotated[list[str] | None, typer.Option(help="Group (repeatable).")] = None,
-    reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")]
-    = "gateway added to the inventory",
     ticket: TicketOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -480,7 +500,7 @@ def gateway_add(
         fail("give --host-key SHA256:... (ssh-keygen -lf on the gateway's host key), or "
              "--trust-on-first-use to pin the first key seen", EXIT_INPUT)
     body = {"name": name, "address": address, "user": user,
-            "key_path": str(key.expanduser().absolute()), "host_key": host_key,
+            "key_path": key, "host_key": host_key,
             "trust_on_first_use": trust_on_first_use, "groups": group or [],
             "reason": reason, "ticket": ticket}
     view = call("POST", "/v1/gateways", body)
@@ -488,6 +508,38 @@ def gateway_add(
         print_json(view)
     else:
         out.print(f"added {view['name']} ({view['address']}), host key "
+                  f"{view['host_key'] or 'to be pinned on first use'}", highlight=False)
+
+
+@gateway_app.command("update")
+def gateway_update(
+    name: str,
+    reason: AuditReasonOpt,
+    host_key: Annotated[str | None, typer.Option(
+        help="Re-pin the host key, SHA256:... (the gateway was reinstalled or its key "
+             "rotated; ssh-keygen -lf on the gateway's host key).")] = None,
+    trust_on_first_use: Annotated[bool, typer.Option(
+        "--trust-on-first-use", help="Forget the pinned key; pin whatever key is seen "
+                                     "next.")] = False,
+    key: Annotated[str | None, typer.Option(help=(
+        "A new private key for the controller (absolute path on the controller's host): "
+        "rotating the controller's key. Its public key must already be in the gateway's "
+        "authorized_keys."))] = None,
+    user: Annotated[str | None, typer.Option(help="A new SSH login.")] = None,
+    address: Annotated[str | None, typer.Option(help="A new HOST[:PORT] of the sshd.")] = None,
+    ticket: TicketOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change how the controller reaches a gateway; its state and history stay. The session
+    is reopened with the new settings."""
+    body = {"host_key": host_key, "trust_on_first_use": trust_on_first_use, "key_path": key,
+            "user": user, "address": address, "reason": reason, "ticket": ticket}
+    view = call("PATCH", f"/v1/gateways/{name}", body)
+    if as_json:
+        print_json(view)
+    else:
+        out.print(f"updated {view['name']} ({view['address']}, user {view['user']}, key "
+                  f"{view['key_path']}), host key "
                   f"{view['host_key'] or 'to be pinned on first use'}", highlight=False)
 
 
@@ -508,7 +560,7 @@ def gateway_list(as_json: JsonOpt = False) -> None:
 @gateway_app.command("remove")
 def gateway_remove(
     name: str,
-    reason: ReasonOpt,
+    reason: AuditReasonOpt,
     ticket: TicketOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -524,7 +576,7 @@ def gateway_remove(
 def token_create(
     user: Annotated[str, typer.Option(help="User name.")],
     role: Annotated[str, typer.Option(help="viewer, operator or admin.")],
-    reason: ReasonOpt,
+    reason: AuditReasonOpt,
     description: Annotated[str, typer.Option(help="What it is for.")] = "",
 ) -> None:
     """Create an API token for a user (printed once)."""

@@ -26,6 +26,7 @@ err = Console(stderr=True, soft_wrap=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON output.")]
 ReasonOpt = Annotated[str, typer.Option(help="Why (kept in the audit log, sent to the gateway).")]
+AuditReasonOpt = Annotated[str, typer.Option(help="Why (kept in the audit log).")]
 TicketOpt = Annotated[str | None, typer.Option(help="Ticket id (optional).")]
 GroupOpt = Annotated[list[str] | None, typer.Option("--group", "-g",
                                                     help="Every gateway in this group.")]
@@ -63,6 +64,8 @@ def call(method: str, path: str, body: Any = None, **params: Any) -> Any:
             return api.get(path, **params)
         if method == "DELETE":
             return api.delete(path, body)
+        if method == "PATCH":
+            return api.patch(path, body)
         return api.post(path, body)
     except ClientError as exc:
         fail(str(exc), exit_code_for(exc))

@@ -26,6 +26,7 @@ from controller.cli_common import (
     EXIT_INPUT,
     EXIT_WAITING,
     AllOpt,
+    AuditReasonOpt,
     GroupOpt,
     JsonOpt,
     NamesArg,
@@ -43,7 +44,6 @@ plan_app = typer.Typer(help="Restore plans, stored and driven by the controller:
                        no_args_is_help=True, rich_markup_mode=None)
 
 IdArg = Annotated[str, typer.Argument(metavar="ID", help="The plan id (plan status).")]
-PlanReasonOpt = Annotated[str, typer.Option(help="Why (kept in the audit log).")]
 FollowOpt = Annotated[bool, typer.Option(
     "--follow", help="Follow the plan until it is done, fails, or waits for a person.")]
 FINISHED = ("done", "failed", "aborted")
@@ -139,7 +139,7 @@ def restore_with_plan(path: Path, body: dict[str, Any], *, from_stage: str | Non
 @plan_app.command("start")
 def plan_start(
     file: Annotated[Path, typer.Argument(help="The plan (TOML): stages.")],
-    reason: PlanReasonOpt,
+    reason: AuditReasonOpt,
     names: NamesArg = None,
     group: GroupOpt = None,
     all_: AllOpt = False,
@@ -207,7 +207,7 @@ def _control(verb: str, plan_id: str, reason: str, follow_it: bool, as_json: boo
 
 
 @plan_app.command("approve")
-def plan_approve(plan_id: IdArg, reason: PlanReasonOpt, follow_it: FollowOpt = False,
+def plan_approve(plan_id: IdArg, reason: AuditReasonOpt, follow_it: FollowOpt = False,
                  as_json: JsonOpt = False) -> None:
     """Pass the gate of the stage that awaits approval (an admin other than the one who
     started the plan: the two-person rule)."""
@@ -215,20 +215,20 @@ def plan_approve(plan_id: IdArg, reason: PlanReasonOpt, follow_it: FollowOpt = F
 
 
 @plan_app.command("pause")
-def plan_pause(plan_id: IdArg, reason: PlanReasonOpt, as_json: JsonOpt = False) -> None:
+def plan_pause(plan_id: IdArg, reason: AuditReasonOpt, as_json: JsonOpt = False) -> None:
     """No further step starts until `plan resume` (a step under way finishes)."""
     _control("pause", plan_id, reason, False, as_json)
 
 
 @plan_app.command("resume")
-def plan_resume(plan_id: IdArg, reason: PlanReasonOpt, follow_it: FollowOpt = False,
+def plan_resume(plan_id: IdArg, reason: AuditReasonOpt, follow_it: FollowOpt = False,
                 as_json: JsonOpt = False) -> None:
     """Carry on with a paused plan; or try a failed plan's failed stage again."""
     _control("resume", plan_id, reason, follow_it, as_json)
 
 
 @plan_app.command("abort")
-def plan_abort(plan_id: IdArg, reason: PlanReasonOpt, follow_it: FollowOpt = False,
+def plan_abort(plan_id: IdArg, reason: AuditReasonOpt, follow_it: FollowOpt = False,
                as_json: JsonOpt = False) -> None:
     """Return the plan's gateways to the state they had when it started (the profile each
     had, isolated again if it was isolated); --follow waits until they are."""

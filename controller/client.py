@@ -75,6 +75,9 @@ class ApiClient:
     def delete(self, path: str, body: Any) -> Any:
         return self._send("DELETE", path, body=body)
 
+    def patch(self, path: str, body: Any) -> Any:
+        return self._send("PATCH", path, body=body)
+
     def stream(self, path: str, body: Any) -> Iterator[dict[str, Any]]:
         """POST a command and yield its NDJSON events as they arrive."""
         try:

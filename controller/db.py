@@ -119,6 +119,9 @@ class Schema:
             sa.Column("last_command_id", sa.String(64)),
             sa.Column("host_key_seen", sa.String(80)),
             sa.Column("row_version", BigInt, nullable=False, server_default="0"),
+            sa.Column("agent_version", sa.String(64)),
+            sa.Column("config_digest", sa.String(32)),
+            sa.Column("profiles", sa.Text),
         )
         self.audit_checkpoints = sa.Table(
             "audit_checkpoints", m,
@@ -331,7 +334,7 @@ def _m3_checkpoints_plans(op: Operations) -> None:
     )
 
 
-def _m4_replicas(op: Operations) -> None:
+def _m5_replicas(op: Operations) -> None:
     # Controller replicas on one PostgreSQL database: heartbeats, gateway leases and the
     # command queue (controller/replicas.py).
     op.create_table(
@@ -384,6 +387,16 @@ def _m4_replicas(op: Operations) -> None:
     op.create_index("ix_commands_reported", "commands", ["reported"])
 
 
+def _m4_agent_facts(op: Operations) -> None:
+    # What each gateway runs (agent version, config digest) and which profiles it knows:
+    # an isolate naming a profile a gateway does not have is refused before anything is
+    # sent to any gateway.
+    for column in (sa.Column("agent_version", sa.String(64)),
+                   sa.Column("config_digest", sa.String(32)),
+                   sa.Column("profiles", sa.Text)):
+        op.add_column("gateway_state", column)
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -395,7 +408,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema: gateways, api_tokens, audit_log, gateway_state", _m1_initial),
     Migration(2, "gateway_state.row_version", _m2_row_version),
     Migration(3, "audit_checkpoints; plans", _m3_checkpoints_plans),
-    Migration(4, "replicas, gateway_leases, commands", _m4_replicas),
+    Migration(4, "gateway_state: agent_version, config_digest, profiles", _m4_agent_facts),
+    Migration(5, "replicas, gateway_leases, commands", _m5_replicas),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
@@ -509,6 +523,12 @@ class Database:
                 return 0
             value = conn.execute(sa.select(sa.func.max(self.schema.schema_version.c.version)))
             return int(value.scalar() or 0)
+
+    def audit_records(self) -> int:
+        """How many records the audit chain holds (0: none yet)."""
+        with self.begin() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(
+                self.schema.audit_log)).scalar() or 0)
 
     def migrate(self, *, target: int = LATEST_VERSION) -> list[int]:
         """Apply every migration newer than the database, up to `target` (tests stop at

@@ -91,6 +91,14 @@ class Gateway(BaseModel):
         return format_address(self.host, self.port)
 
 
+def require_absolute_key(name: str, key_path: str) -> None:
+    """The key is read by the controller service, on its host: a path relative to some
+    shell's directory would mean nothing there."""
+    if not Path(key_path).is_absolute():
+        raise InputError(f"{name}: --key must be an absolute path on the controller's host "
+                         f"(the controller service reads it): {key_path!r}")
+
+
 class Inventory:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -100,9 +108,7 @@ class Inventory:
         if gw.host_key is None and not gw.trust_on_first_use:
             raise InputError(f"{gw.name}: give the gateway's host key fingerprint "
                              "(--host-key SHA256:...) or ask for trust-on-first-use explicitly")
-        if not Path(gw.key_path).is_absolute():
-            raise InputError(f"{gw.name}: the key path must be absolute (it is read by the "
-                             f"controller service): {gw.key_path!r}")
+        require_absolute_key(gw.name, gw.key_path)
         t = self.table
         with self.db.begin() as conn:
             if conn.execute(sa.select(t.c.name).where(t.c.name == gw.name)).first():
@@ -140,6 +146,27 @@ class Inventory:
         with self.db.begin() as conn:
             conn.execute(self.table.delete().where(self.table.c.name == name))
         return gw
+
+    def update(self, name: str, **changes: object) -> tuple[Gateway, Gateway]:
+        """Change some fields of a gateway (validated as a whole); (before, after)."""
+        t = self.table
+        with self.db.begin() as conn:
+            row = conn.execute(sa.select(t).where(t.c.name == name).with_for_update()).first()
+            if row is None:
+                raise NotFound(f"no gateway called {name!r} in the inventory")
+            before = _gateway(row._asdict())
+            after = Gateway.model_validate({**before.model_dump(), **changes})
+            require_absolute_key(name, after.key_path)
+            if (after.host, after.port) != (before.host, before.port):
+                same = conn.execute(sa.select(t.c.name).where(
+                    t.c.host == after.host, t.c.port == after.port, t.c.name != name)).first()
+                if same:
+                    raise Conflict(f"{after.address} is already in the inventory as "
+                                   f"{same.name!r}")
+            conn.execute(t.update().where(t.c.name == name).values(
+                host=after.host, port=after.port, user=after.user, key_path=after.key_path,
+                host_key=after.host_key, trust_on_first_use=after.trust_on_first_use))
+        return before, after
 
     def pin_host_key(self, name: str, fingerprint: str) -> None:
         """Trust-on-first-use: record the key seen first; later connections must match."""

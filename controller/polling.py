@@ -112,7 +112,8 @@ class Polls:
                 generation=status.generation, since=status.since, gw_actor=status.actor,
                 gw_reason=status.reason, drift_repairs=status.drift_repairs,
                 problems=status.problems, exceptions=status.exceptions, observed_at=now,
-                host_key_seen=link.host_key_seen):
+                host_key_seen=link.host_key_seen, agent_version=status.agent_version or None,
+                config_digest=status.config_digest or None, profiles=status.profiles):
             self.record_events(gw, events_for_status(prev, status))
         return True
 

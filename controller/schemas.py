@@ -135,6 +135,17 @@ class GatewayRemoveBody(Mutating):
     pass
 
 
+class GatewayUpdateBody(Mutating):
+    """What changes (the rest stays): a re-pinned host key, a rotated controller key, a
+    moved sshd. The gateway keeps its name, state, pending change and history."""
+
+    address: str | None = Field(default=None, min_length=1, max_length=300)
+    user: SshUser | None = None
+    key_path: str | None = Field(default=None, min_length=1, max_length=4096)
+    host_key: Fingerprint = None
+    trust_on_first_use: bool = False  # forget the pinned key; pin the next one seen
+
+
 class TokenCreateBody(Mutating):
     user: str = Field(min_length=1, max_length=64)
     role: Literal["viewer", "operator", "admin"]
@@ -189,6 +200,8 @@ class GatewayView(BaseModel):
     observed_at: float | None = None
     last_error_code: str | None = None
     last_error: str | None = None
+    agent_version: str | None = None  # what the gateway runs, from its last status
+    config_digest: str | None = None
     pending: PendingView | None = None
 
 

@@ -192,7 +192,8 @@ def token_list(ctx: typer.Context) -> None:
 
 @token_app.command("revoke")
 def token_revoke(ctx: typer.Context, token_id: str,
-                 reason: Annotated[str, typer.Option(help="Why.")] = "revoked") -> None:
+                 reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")]
+                 ) -> None:
     """Revoke a token by id."""
     from controller.audit import AuditEvent
 

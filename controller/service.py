@@ -9,6 +9,7 @@ died in between.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -16,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -48,7 +49,7 @@ from controller.errors import (
 from controller.exceptions import check_breadth
 from controller.fleet import CHANGE_OPS, EXCEPTION_OPS, Fleet, GatewayResult
 from controller.holder_calls import procedures as holder_procedures
-from controller.inventory import Gateway, Inventory, parse_address
+from controller.inventory import Gateway, Inventory, parse_address, require_absolute_key
 from controller.lease_store import Me
 from controller.metrics import ControllerMetrics, FleetCollector
 from controller.plan_service import Plans
@@ -95,6 +96,15 @@ def audit_result(res: GatewayResult) -> dict[str, Any]:
         if "probes" in res.result:
             keep["probes"] = res.result["probes"]
     return keep
+
+
+def _check_key(name: str, key_path: str) -> None:
+    """The controller's private key for a gateway: an absolute path that it can load."""
+    require_absolute_key(name, key_path)
+    try:
+        load_private_key(key_path)
+    except ConfigError as exc:
+        raise InputError(exc.message) from None
 
 
 class Controller:
@@ -145,7 +155,8 @@ class Controller:
             self.replicas = Replicas(self, me, self.config.replicas)
             self.replicas.on_acquired = self.polls.poll_soon
             self.metrics.attach(ReplicaCollector(self.replicas))
-        key = AuditKey.load_or_create(self.config.audit_key_path)
+        key = AuditKey.load_or_create(self.config.audit_key_path,
+                                      chain_length=self.db.audit_records())
         signer = CheckpointKey.load_or_create(self.config.checkpoint_key_path)
         self._audit = AuditLog(self.db, key, head_path=self.config.audit_head_path,
                                on_alarm=self._on_alarm)
@@ -259,34 +270,38 @@ class Controller:
     def require(self, principal: Principal, role: Role, what: str, *,
                 request: str | None = None) -> None:
         if not principal.can(role):
-            exc = Forbidden(f"{principal.user} has role {principal.role.name}; {what} needs "
-                            f"{role.name}")
+            exc = Forbidden(f"{what} needs the {role.name} role; {principal.user} has the "
+                            f"{principal.role.name} role")
             self.refused(principal, request or what, exc,
                          detail={"needed": role.name, "role": principal.role.name})
             raise exc
 
     # -- inventory -----------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _inventory_change(self, principal: Principal, request: str, name: str
+                          ) -> Iterator[None]:
+        """Bad input to an inventory change is refused, audited, and changes nothing."""
+        try:
+            yield
+        except ValidationError as exc:
+            err = InputError(f"invalid gateway: {exc.errors()[0]['msg']}")
+            self.refused(principal, request, err, detail={"gateway": name})
+            raise err from None
+        except ControllerError as exc:
+            self.refused(principal, request, exc, detail={"gateway": name})
+            raise
+
     def add_gateway(self, principal: Principal, *, name: str, address: str, user: str,
                     key_path: str, host_key: str | None, trust_on_first_use: bool,
                     groups: Sequence[str], reason: str, ticket: str | None) -> Gateway:
-        try:
+        with self._inventory_change(principal, "gateway.add", name):
             host, port = parse_address(address)
-            try:
-                load_private_key(key_path)
-            except ConfigError as exc:
-                raise InputError(exc.message) from None
+            _check_key(name, key_path)
             gw = Gateway(name=name, host=host, port=port, user=user, key_path=key_path,
                          host_key=host_key, trust_on_first_use=trust_on_first_use,
                          groups=tuple(groups), created_by=principal.user)
             gw = self.inventory.add(gw)
-        except ValidationError as exc:
-            err = InputError(f"invalid gateway: {exc.errors()[0]['msg']}")
-            self.refused(principal, "gateway.add", err, detail={"gateway": name})
-            raise err from None
-        except ControllerError as exc:
-            self.refused(principal, "gateway.add", exc, detail={"gateway": name})
-            raise
         self.states.delete(name)  # a re-added name starts with a clean slate
         if self.replicas is not None and self.replicas.started:
             self.replicas.tick()  # a new gateway gets its holder now, not at the next tick
@@ -297,6 +312,40 @@ class Controller:
                     "host_key": gw.host_key, "trust_on_first_use": gw.trust_on_first_use,
                     "groups": list(gw.groups)}))
         return gw
+
+    def update_gateway(self, principal: Principal, name: str, *, reason: str,
+                       ticket: str | None, address: str | None = None,
+                       user: str | None = None, key_path: str | None = None,
+                       host_key: str | None = None, trust_on_first_use: bool = False
+                       ) -> Gateway:
+        """Re-pin a host key (the gateway was reinstalled, or its key rotated), rotate the
+        controller's key, follow a moved sshd: audited, and the session is reopened with
+        the new settings. State, pending change and history stay."""
+        changes: dict[str, object] = {}
+        with self._inventory_change(principal, "gateway.update", name):
+            if host_key is not None and trust_on_first_use:
+                raise InputError("give --host-key or --trust-on-first-use, not both")
+            if address is not None:
+                changes["host"], changes["port"] = parse_address(address)
+            if user is not None:
+                changes["user"] = user
+            if key_path is not None:
+                _check_key(name, key_path)
+                changes["key_path"] = key_path
+            if host_key is not None or trust_on_first_use:
+                changes.update(host_key=host_key, trust_on_first_use=trust_on_first_use)
+            if not changes:
+                raise InputError("nothing to change: give --host-key, --trust-on-first-use, "
+                                 "--key, --user or --address")
+            before, after = self.inventory.update(name, **changes)
+        self.links.remove(name)  # the next request connects with the new settings
+        old, new = before.model_dump(), after.model_dump()
+        fields = ("host", "port", "user", "key_path", "host_key", "trust_on_first_use")
+        self.record(AuditEvent(
+            actor=principal.user, action="gateway.update", outcome="ok", reason=reason,
+            ticket=ticket, targets=(name,),
+            detail={"changed": {f: [old[f], new[f]] for f in fields if old[f] != new[f]}}))
+        return after
 
     def remove_gateway(self, principal: Principal, name: str, *, reason: str,
                        ticket: str | None) -> Gateway:
@@ -335,7 +384,8 @@ class Controller:
                 reason=st.gw_reason, drift_repairs=st.drift_repairs, problems=st.problems,
                 exceptions=st.exceptions, last_contact_at=st.last_contact_at,
                 observed_at=st.observed_at, last_error_code=st.last_error_code,
-                last_error=st.last_error,
+                last_error=st.last_error, agent_version=st.agent_version,
+                config_digest=st.config_digest,
                 pending=PendingView(command_id=p.command_id, action=p.action, op=p.op,
                                     profile=p.args.get("profile"), actor=p.actor,
                                     reason=p.reason, accepted_at=p.accepted_at,
@@ -353,9 +403,24 @@ class Controller:
 
     # -- commands ------------------------------------------------------------------------
 
+    def check_profile(self, principal: Principal, gateways: Sequence[Gateway],
+                      profile: str) -> None:
+        """Refuse a profile that a targeted gateway does not have (as its last status
+        said) before anything is sent to any gateway: bad input, not a failed command."""
+        missing = []
+        for gw in gateways:
+            known = self.states.get(gw.name).profiles
+            if known is not None and profile not in known:
+                missing.append(f"{gw.name} (it has: {', '.join(known)})")
+        if missing:
+            exc = InputError(f"unknown profile {profile!r} on {'; '.join(missing)}")
+            self.refused(principal, "isolate", exc, detail={"profile": profile})
+            raise exc
+
     def isolate(self, principal: Principal, targets: Targets, *, profile: str, reason: str,
                 ticket: str | None, emit: Emit = _noop) -> CommandResult:
         gateways = self.select(principal, targets, "isolate")
+        self.check_profile(principal, gateways, profile)
         return self.run_command(
             gateways, action="isolate", op="isolate", actor=principal.user, reason=reason,
             ticket=ticket, args={"profile": profile}, emit=emit)

@@ -74,9 +74,12 @@ class GatewayState(BaseModel):
     last_command_id: str | None = None
     host_key_seen: str | None = None
     row_version: int = 0
+    agent_version: str | None = None
+    config_digest: str | None = None
+    profiles: list[str] | None = None  # None: not known yet (never polled)
 
 
-_JSON_FIELDS = ("problems", "exceptions", "pending")
+_JSON_FIELDS = ("problems", "exceptions", "pending", "profiles")
 
 
 def _to_row(state: GatewayState) -> dict[str, Any]:

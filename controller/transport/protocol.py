@@ -110,6 +110,7 @@ class AgentStatus(_Lenient):
     agent_version: str = ""
     config_digest: str = ""
     provisional: dict[str, Any] | None = None  # a change awaiting confirmation
+    profiles: list[str] | None = None  # None: an agent too old to say
 
 
 class AgentPing(_Lenient):

@@ -1,5 +1,5 @@
 """`drawbridge_plan_stage_info`: the stages of the latest restore plan and their states,
-built at scrape time from the plan source (the audit log today)."""
+built at scrape time from the plan source (the stored plans: DbPlanSource)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ Each site is an IPv6 /48 whose subnets use the fourth group (the subnet ID),
 so both /64s lie inside the /48 (``fd20:i:1::/64`` would not: a /48 fixes three
 groups). In the IPv6 prefixes ``i`` is written in decimal digits (gateway 12
 owns ``fd20:12::/48``); any group of decimal digits is a valid IPv6 group. Gateway 0
-owns ``10.20.0.0/16`` and ``fd20::/48``, the example of DESIGN.md. The second
+owns ``10.20.0.0/16`` and ``fd20::/48``, the example of docs/design.md. The second
 internal octet stops at 10.98, below the management network 10.99, hence
 ``MAX_GATEWAYS = 79``.
 

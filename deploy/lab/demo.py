@@ -1,4 +1,4 @@
-"""`make demo`: the isolation drill of DESIGN.md, in a throwaway namespace lab.
+"""`make demo`: the isolation drill (docs/network-engineer.md), in a throwaway namespace lab.
 
 Three gateways run the Drawbridge agent behind an sshd that only lets the
 controller's key run `drawbridge-agent rpc`; the controller and the engineer's

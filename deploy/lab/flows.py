@@ -1,4 +1,4 @@
-"""The flow table of DESIGN.md ("Isolation semantics"), checked with real packets.
+"""The flow table of docs/design.md, checked with real packets.
 
 `flow_matrix` lists every row as concrete flows (TCP, UDP, ICMP; IPv4 and IPv6)
 between the lab's namespaces; `check_flows` runs them all concurrently, one

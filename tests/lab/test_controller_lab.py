@@ -196,9 +196,9 @@ def test_tokens_no_token_401_viewer_403_and_refusals_audited(fleet: FleetRig) ->
     proc = fleet.cli("isolate", "--all", "--reason", "x", role=None)
     assert proc.returncode == 3 and "no API token" in proc.stderr
     proc = fleet.cli("isolate", "--all", "--reason", "x", role="viewer")
-    assert proc.returncode == 3 and "needs operator" in proc.stderr
+    assert proc.returncode == 3 and "isolating gateways needs the operator role" in proc.stderr
     proc = fleet.cli("restore", "--all", "--reason", "x", role="operator")
-    assert proc.returncode == 3 and "needs admin" in proc.stderr
+    assert proc.returncode == 3 and "restoring gateways needs the admin role" in proc.stderr
     refused = fleet.cli_json("history", "--action", "auth.refused", role="viewer")
     assert [(r["actor"], r["detail"]["request"]) for r in refused[-3:]] == [
         ("anonymous", "POST /v1/isolate"), ("viewer-lab", "POST /v1/isolate"),

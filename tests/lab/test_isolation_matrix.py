@@ -1,4 +1,4 @@
-"""Every row of the DESIGN.md flow table, before isolation, during, and after restore,
+"""Every row of the flow table in docs/design.md, before isolation, during, and after restore,
 with real TCP, UDP and ICMP packets, IPv4 and IPv6."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Probes with real packets in the namespace lab: every flow of the DESIGN.md table
+"""Probes with real packets in the namespace lab: every flow of the table in docs/design.md
 before, during and after isolation (IPv4 and IPv6); TCP SYN telling open, closed and
 filtered apart; and a change whose probes disagree reported unverified, by name, in
 `status --json`, `probe --json` and the metrics."""

@@ -59,7 +59,8 @@ def test_viewer_isolating_is_403_and_audited(setup) -> None:  # type: ignore[no-
     ctl, fleet, client, tokens = setup
     resp = client.post("/v1/isolate", json=ISOLATE, headers=auth(tokens["viewer"]))
     assert resp.status_code == 403
-    assert "needs operator" in resp.json()["error"]["message"]
+    assert resp.json()["error"]["message"] == (
+        "isolating gateways needs the operator role; viewer-user has the viewer role")
     resp = client.post("/v1/restore", json=ISOLATE, headers=auth(tokens["operator"]))
     assert resp.status_code == 403  # restore is admin
     refused = ctl.history(HistoryQuery(action="auth.refused"))
@@ -115,12 +116,26 @@ def test_invalid_bodies_are_422_with_a_clear_message_and_change_nothing(
     assert ctl.history(HistoryQuery(action="request.refused"))[-1].actor == "operator-user"
 
 
+def test_a_profile_the_gateways_lack_is_422_and_nothing_is_sent(  # type: ignore[no-untyped-def]
+        setup) -> None:
+    ctl, fleet, client, tokens = setup
+    ctl.poll_once()  # the controller learns each gateway's profiles from its status
+    resp = client.post("/v1/isolate", json={"targets": {"all": True}, "reason": "r",
+                                            "profile": "interent"},
+                       headers=auth(tokens["operator"]))
+    assert resp.status_code == 422
+    assert "unknown profile 'interent'" in resp.json()["error"]["message"]
+    assert all(op != "isolate" for a in fleet.agents.values() for op, _ in a.calls)
+
+
 def test_malformed_json_is_422(setup) -> None:  # type: ignore[no-untyped-def]
     _ctl, fleet, client, tokens = setup
     resp = client.post("/v1/isolate", content=b'{"targets": {"all": tru',
                        headers={**auth(tokens["operator"]), "Content-Type": "application/json"})
     assert resp.status_code == 422
-    assert "JSON" in resp.json()["error"]["message"]
+    message = resp.json()["error"]["message"]
+    assert message.startswith("invalid request: the body is not valid JSON at character "), message
+    assert "decode error" not in message
     assert all(not a.calls for a in fleet.agents.values())
 
 

@@ -26,7 +26,7 @@ from controller.checkpoint_keys import (
     parse_checkpoint_file,
     signature_valid,
 )
-from controller.errors import AuditTampered, Conflict, Unauthorized
+from controller.errors import AuditTampered, ConfigError, Conflict, Unauthorized
 from controller.plans import parse_plan
 from controller.schemas import Targets
 from controller.service import Controller
@@ -150,6 +150,33 @@ def test_a_cut_tail_is_an_alarm_before_the_next_append_even_an_anonymous_401(
         ctl.acknowledge_alarm(ADMIN, reason="nothing to acknowledge", ticket=None)
 
 
+def test_an_alarm_acknowledged_on_the_host_lifts_it_in_the_running_controller(
+        ctl: Controller, fake_fleet: FakeFleet, tmp_path: Path, db_url: str) -> None:
+    end = last_seq(db_url)
+    raw_sql(db_url, "DELETE FROM audit_log WHERE seq > :s", s=end - 1)
+    with pytest.raises(AuditTampered):
+        ctl.isolate(OPERATOR, ALL, profile="internet", reason="x", ticket=None)
+    # the alarm record itself does not satisfy the check: only an acknowledgement does
+    assert ctl.audit.alarm is not None
+    # `drawbridge-controller audit acknowledge`: another process on the same state dir
+    host = Controller(make_config(tmp_path, db_url=db_url),
+                      session_factory=fake_fleet.factory).open()
+    try:
+        assert host.audit.alarm is not None
+        host.audit.acknowledge(actor="root@console", reason="restored from backup")
+    finally:
+        host.close()
+    assert ctl.audit.alarm is None and alarm_metric(ctl) == 0.0  # no restart needed
+    assert ctl.isolate(OPERATOR, ALL, profile="internet", reason="x", ticket=None).ok
+    assert [r.actor for r in ctl.history(HistoryQuery(action="audit.acknowledged"))] == [
+        "root@console"]
+    # a later break is a new alarm, which the old acknowledgement does not lift
+    raw_sql(db_url, "DELETE FROM audit_log WHERE seq = :s", s=last_seq(db_url))
+    with pytest.raises(AuditTampered):
+        ctl.isolate(OPERATOR, ALL, profile="internet", reason="y", ticket=None)
+    assert ctl.audit.alarm is not None
+
+
 def test_a_cut_tail_is_an_alarm_at_start(ctl: Controller, fake_fleet: FakeFleet,
                                          tmp_path: Path, db_url: str) -> None:
     end = last_seq(db_url)
@@ -189,6 +216,28 @@ def test_a_deleted_head_file_is_an_alarm_not_a_switch_off(
         assert again.audit.alarm is not None and "missing" in again.audit.alarm.problem
         report = again.verify_audit()
         assert not report.ok and "head file" in (report.problem or "")
+    finally:
+        again.close()
+
+
+def test_a_lost_audit_key_stops_the_start_instead_of_starting_a_new_key(
+        ctl: Controller, fake_fleet: FakeFleet, tmp_path: Path, db_url: str) -> None:
+    key_path = ctl.config.audit_key_path
+    saved = key_path.read_bytes()
+    records = last_seq(db_url)
+    ctl.close()
+    key_path.unlink()  # lost with the disk, or a replica set up without it
+    with pytest.raises(ConfigError) as err:
+        Controller(make_config(tmp_path, db_url=db_url),
+                   session_factory=fake_fleet.factory).open()
+    assert f"audit chain of {records} records" in str(err.value)
+    assert not key_path.exists()  # no new key was made
+    assert last_seq(db_url) == records  # and nothing was recorded
+    key_path.write_bytes(saved)  # restored from the backup: it starts, the chain verifies
+    again = Controller(make_config(tmp_path, db_url=db_url),
+                       session_factory=fake_fleet.factory).open()
+    try:
+        assert again.verify_audit().ok and again.audit.alarm is None
     finally:
         again.close()
 

@@ -20,7 +20,7 @@ from controller.auth import Role
 from controller.cli import app
 from controller.service import Controller
 from tests.storage import raw_sql
-from tests.unit.test_controller_support import KEY_A, FakeFleet, make_controller, write_key
+from tests.unit.test_controller_support import KEY_A, KEY_B, FakeFleet, make_controller, write_key
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_auth_exit_codes(served) -> None:  # type: ignore[no-untyped-def]
     code, out = run(url, None, "isolate", "--all", "--reason", "x")
     assert code == 3 and "DRAWBRIDGE_TOKEN" in out
     code, out = run(url, tokens["viewer"], "isolate", "--all", "--reason", "x")
-    assert code == 3 and "needs operator" in out
+    assert code == 3 and "needs the operator role; viewer-user has the viewer role" in out
     code, out = run(url, tokens["operator"], "isolate", "gw0", "nope", "--reason", "x")
     assert code == 2 and "nope" in out
     code, out = run(url, tokens["operator"], "isolate", "--reason", "x")
@@ -109,14 +109,32 @@ def test_gateway_add_list_remove(served, tmp_path: Path) -> None:  # type: ignor
     key = write_key(tmp_path)
     code, out = run(url, tokens["admin"], "gateway", "add", "gw9", "--address",
                     "10.99.0.109:2222", "--user", "root", "--key", str(key), "--host-key",
-                    KEY_A, "--group", "ams")
+                    KEY_A, "--group", "ams", "--reason", "new site")
     assert code == 0, out
     code, out = run(url, tokens["admin"], "gateway", "add", "gw8", "--address", "10.99.0.108",
-                    "--key", str(key))
+                    "--key", str(key), "--reason", "new")
     assert code == 2 and "--host-key" in out
+    # the key is the controller's: a path relative to this shell's directory means nothing
+    code, out = run(url, tokens["admin"], "gateway", "add", "gw8", "--address", "10.99.0.108",
+                    "--key", "keys/id_ed25519", "--host-key", KEY_A, "--reason", "new")
+    assert code == 2 and "absolute path on the controller's host" in out, out
+    code, out = run(url, tokens["admin"], "gateway", "add", "gw8", "--address", "10.99.0.108",
+                    "--key", str(key), "--host-key", KEY_A)
+    assert code == 2 and "--reason" in out  # every change says why, as everywhere else
     code, out = run(url, tokens["viewer"], "gateway", "list", "--json")
     assert {"gw9": "10.99.0.109:2222"}.items() <= {g["name"]: g["address"]
                                                    for g in json.loads(out)}.items()
+    code, out = run(url, tokens["operator"], "gateway", "update", "gw9", "--host-key", KEY_B,
+                    "--reason", "reinstalled")
+    assert code == 3 and "changing a gateway needs the admin role" in out, out
+    code, out = run(url, tokens["admin"], "gateway", "update", "gw9", "--host-key", KEY_B,
+                    "--address", "10.99.0.109:2200", "--reason", "reinstalled", "--json")
+    assert code == 0, out
+    assert (json.loads(out)["host_key"], json.loads(out)["address"]) == (KEY_B,
+                                                                         "10.99.0.109:2200")
+    code, out = run(url, tokens["admin"], "gateway", "update", "gw9", "--host-key", KEY_B,
+                    "--trust-on-first-use", "--reason", "x")
+    assert code == 2 and "not both" in out
     code, out = run(url, tokens["admin"], "gateway", "remove", "gw9", "--reason", "typo")
     assert code == 0
     assert "gw9" not in run(url, tokens["viewer"], "gateway", "list")[1]

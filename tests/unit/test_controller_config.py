@@ -83,7 +83,8 @@ def test_host_commands(tmp_path: Path, db_url: str) -> None:
                                  "--role", "root"])
     assert result.exit_code == 2 and "not a role" in result.output
     assert token_id in runner.invoke(app, ["-c", str(cfg), "token", "list"]).output
-    assert runner.invoke(app, ["-c", str(cfg), "token", "revoke", token_id]).exit_code == 0
+    assert runner.invoke(app, ["-c", str(cfg), "token", "revoke", token_id,
+                                 "--reason", "left the team"]).exit_code == 0
     result = runner.invoke(app, ["-c", str(cfg), "audit", "verify"])
     assert result.exit_code == 0 and "2 records" in result.output  # create, revoke
     assert (tmp_path / "state" / "audit.key").stat().st_mode & 0o777 == 0o600

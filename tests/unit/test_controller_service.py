@@ -131,6 +131,39 @@ def test_changed_host_key_is_refused_audited_once_and_nothing_sent(
     assert next(v for v in ctl.views() if v.name == "gw4").pending is None
 
 
+def test_a_reinstalled_gateway_is_re_pinned_keeping_its_state_and_history(
+        ctl: Controller, fake_fleet: FakeFleet, tmp_path: Path) -> None:
+    from tests.unit.test_controller_support import write_key
+
+    ctl.isolate(OPERATOR, ALL, profile="internet", reason="incident", ticket=None)
+    agent = fake_fleet.agents["gw4"]
+    agent.host_key, agent.epoch = KEY_B, agent.epoch + 1  # reinstalled: a new host key
+    res = ctl.probe(OPERATOR, ALL, reason="probe")
+    assert [r.error_code for r in res.results if r.gateway == "gw4"] == ["host_key_mismatch"]
+    with pytest.raises(Forbidden):  # an operator may not re-pin
+        ctl.require(OPERATOR, Role.admin, "changing a gateway")
+    with pytest.raises(InputError):  # nothing to change
+        ctl.update_gateway(ADMIN, "gw4", reason="x", ticket=None)
+    with pytest.raises(InputError):  # a key path that means nothing on this host
+        ctl.update_gateway(ADMIN, "gw4", key_path="id_new", reason="x", ticket=None)
+    with pytest.raises(NotFound):
+        ctl.update_gateway(ADMIN, "gw9", host_key=KEY_B, reason="x", ticket=None)
+    (tmp_path / "rotated").mkdir()
+    new_key = str(write_key(tmp_path / "rotated"))
+    ctl.update_gateway(ADMIN, "gw4", host_key=KEY_B, key_path=new_key,
+                       reason="reinstalled after the disk swap", ticket="CHG-7")
+    gw = ctl.inventory.get("gw4")
+    assert (gw.host_key, gw.key_path) == (KEY_B, new_key)
+    ctl.poll_once()
+    view = next(v for v in ctl.views() if v.name == "gw4")
+    assert view.reachable and view.state == "isolated"  # the state survived the change
+    updates = ctl.history(HistoryQuery(action="gateway.update"))
+    assert [(r.actor, r.ticket) for r in updates] == [("alice", "CHG-7")]
+    assert updates[0].detail["changed"]["host_key"][1] == KEY_B
+    assert set(updates[0].detail["changed"]) == {"host_key", "key_path"}
+    assert ctl.restore(ADMIN, Targets(gateways=("gw4",)), reason="back", ticket=None).ok
+
+
 def test_trust_on_first_use_pins_and_then_holds(tmp_path: Path, db_url: str) -> None:
     fleet = FakeFleet(["gw0"])
     c = make_controller(tmp_path, fleet, db_url=db_url, add=False)
@@ -174,6 +207,24 @@ def test_refusals_are_audited(ctl: Controller) -> None:
         ctl.history(HistoryQuery(action="auth.refused"))
     assert [(r.actor, r.outcome) for r in refused] == [("olga", "refused"), ("vic", "refused")]
     assert "typo" in refused[0].reason
+
+
+def test_unknown_profile_is_refused_before_anything_is_sent(ctl: Controller,
+                                                            fake_fleet: FakeFleet) -> None:
+    fake_fleet.agents["gw3"].profiles = ["internet"]
+    # before the first poll the controller does not know the profiles: the agent decides
+    ctl.poll_once()
+    assert next(v for v in ctl.views() if v.name == "gw3").agent_version == "0.0-fake"
+    with pytest.raises(InputError) as err:
+        ctl.isolate(OPERATOR, ALL, profile="full", reason="typo?", ticket=None)
+    assert "gw3" in str(err.value) and "it has: internet" in str(err.value)
+    assert "gw0" not in str(err.value)  # the others do have it
+    assert all(not any(op == "isolate" for op, _ in a.calls) for a in fake_fleet.agents.values())
+    assert all(a.state == "open" for a in fake_fleet.agents.values())
+    refused = ctl.history(HistoryQuery(action="request.refused"))
+    assert [(r.actor, r.detail.get("profile")) for r in refused] == [("olga", "full")]
+    # the profile every targeted gateway has still goes through
+    assert ctl.isolate(OPERATOR, ALL, profile="internet", reason="x", ticket=None).ok
 
 
 def test_restart_keeps_inventory_history_and_state(tmp_path: Path, db_url: str) -> None:

@@ -57,6 +57,7 @@ class FakeAgent:
     knows_checkpoints: bool = True
     replays: list[str] = field(default_factory=list)  # request ids answered, not applied
     probe_results: dict[str, bool] = field(default_factory=dict)  # probe name -> ok
+    profiles: list[str] = field(default_factory=lambda: ["internet", "full"])
 
     def _verification(self) -> dict[str, Any]:
         ok = self.verified
@@ -146,7 +147,8 @@ class FakeAgent:
                     "since": 0.0, "actor": self.actor, "reason": self.reason, "in_sync": True,
                     "problems": [], "verification": self._verification(),
                     "exceptions": self.exceptions, "generation": self.generation,
-                    "drift_repairs": self.drift_repairs}
+                    "drift_repairs": self.drift_repairs, "profiles": self.profiles,
+                    "agent_version": "0.0-fake", "config_digest": "sha256:fake"}
         if op == "isolate":
             self.state, self.profile = "isolated", args.get("profile", "internet")
         elif op == "restore":

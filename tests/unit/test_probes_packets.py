@@ -20,16 +20,15 @@ from scapy.layers.inet6 import (
 )
 from scapy.utils import checksum
 
-from agent.probes import (
+from agent.probe_types import ProbeSpec, errno_measurement
+from agent.probe_wire import (
     EchoReply,
     IcmpError,
-    ProbeSpec,
     TcpAnswer,
     build_dns_query,
     build_echo,
     build_syn,
     classify_tcp,
-    errno_measurement,
     parse_dns_reply,
     parse_icmp4,
     parse_icmp6,
@@ -168,8 +167,9 @@ def test_spec_parse() -> None:
 
 def test_cli_and_daemon_modules_do_not_import_scapy() -> None:
     """Scapy takes about half a second to import: only a sweep may pay for it."""
-    code = ("import sys, agent.cli, agent.probes, agent.probes_bridge, agent.metrics, "
-            "agent.daemon; print(sorted(m for m in sys.modules if m.startswith('scapy')))")
+    code = ("import sys, agent.cli, agent.probes, agent.probe_sweep, agent.probe_types, "
+            "agent.probe_wire, agent.probes_bridge, agent.metrics, agent.daemon; "
+            "print(sorted(m for m in sys.modules if m.startswith('scapy')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == "[]"

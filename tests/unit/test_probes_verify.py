@@ -20,7 +20,9 @@ import pytest
 
 from agent.config import ProbeConfig
 from agent.engine import Engine
-from agent.probes import Measurement, ProbeResult, ProbeSpec, judge, measure, run_probes
+from agent.probe_sweep import measure
+from agent.probe_types import Measurement, ProbeSpec
+from agent.probes import ProbeResult, judge, run_probes
 from agent.probes_bridge import ProbeService, probe_handler, verification_from, verifier_for
 from agent.requests import IsolateRequest, RestoreRequest
 from agent.rpc import Dispatcher
@@ -243,7 +245,7 @@ def test_silent_dns_target_times_out_alone(udp_echo: int) -> None:
 def test_raw_probes_without_privilege_are_errors_not_unreachable() -> None:
     """Not being allowed to send must never read as "unreachable": that would verify an
     isolation nobody checked. (Loopback only; run unprivileged.)"""
-    code = ("from agent.probes import ProbeSpec, measure; "
+    code = ("from agent.probe_sweep import measure; from agent.probe_types import ProbeSpec; "
             "print([(m.outcome, m.detail) for m in measure(["
             "ProbeSpec.parse('icmp:127.0.0.1'), ProbeSpec.parse('tcp-syn:[::1]:9')])])")
     argv = [sys.executable, "-c", code]
