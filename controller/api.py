@@ -33,6 +33,7 @@ from controller.api_deps import Admin, Operator, Viewer, client_address
 from controller.api_plans import plans_router
 from controller.audit import HistoryQuery
 from controller.auth import Principal, Role, TokenInfo
+from controller.command_path import Emit
 from controller.errors import ControllerError, InputError, Unauthorized
 from controller.fleet import GatewayResult
 from controller.plan_service import PlanStatus
@@ -55,7 +56,7 @@ from controller.schemas import (
     TokenCreateBody,
     TokenCreated,
 )
-from controller.service import Controller, Emit
+from controller.service import Controller
 from controller.timeparse import parse_when
 from controller.web.annotations import to_annotations
 from controller.web.loading import VerifyCache, WindowTooLarge

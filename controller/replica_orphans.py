@@ -13,6 +13,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from controller.audit import AuditEvent
+from controller.command_path import audit_result
 from controller.command_queue import CommandQueue, QueuedCommand
 from controller.fleet import GatewayResult
 
@@ -32,8 +33,6 @@ def report_orphans(ctl: Controller, queue: CommandQueue, live: set[tuple[str, st
 
 
 def _record(ctl: Controller, cmd: QueuedCommand, rows: list[dict[str, Any]], me: str) -> None:
-    from controller.service import audit_result
-
     results = [GatewayResult.model_validate(r) for r in rows if r.get("gateway")]
     counts = Counter(r.outcome for r in results)
     ok = all(r.ok for r in results)

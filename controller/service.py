@@ -1,27 +1,20 @@
-"""The controller's core: inventory, commands, fan-out, state, audit, in one place.
+"""The controller's core: lifecycle, authentication and refusals, where requests go
+(here, or as a replica through the gateways' lease holders), state views, audit reads.
 
 The HTTP API is a thin layer over this class; tests drive it directly with a
-fake transport. Every decision is audited before it is carried out (the
-`requested` record) and again with its per-gateway results, so an incident
-lead can see both what was asked and what happened, even if the controller
-died in between.
+fake transport. Its other parts are mixins, one job each: the inventory's changes
+(controller/gateway_admin.py), the command verbs (controller/commands.py) and the path
+every command takes, audited before and after (controller/command_path.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import ipaddress
-import logging
 import threading
 import time
-import uuid
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-from pydantic import ValidationError
 
 from controller.audit import (
     AuditEvent,
@@ -36,20 +29,16 @@ from controller.audit_verify import CheckpointClaim
 from controller.auth import Principal, Role, TokenStore
 from controller.checkpoint_keys import CheckpointKey
 from controller.checkpoints import Checkpointer
+from controller.command_path import short_id
 from controller.command_queue import QueuedCommand
+from controller.commands import Commands
 from controller.config import ControllerConfig
 from controller.db import Database
-from controller.errors import (
-    ConfigError,
-    ControllerError,
-    Forbidden,
-    HostKeyMismatch,
-    InputError,
-)
-from controller.exceptions import check_breadth
-from controller.fleet import CHANGE_OPS, EXCEPTION_OPS, Fleet, GatewayResult
+from controller.errors import ConfigError, ControllerError, Forbidden
+from controller.fleet import Fleet, GatewayResult
+from controller.gateway_admin import GatewayAdmin
 from controller.holder_calls import procedures as holder_procedures
-from controller.inventory import Gateway, Inventory, parse_address, require_absolute_key
+from controller.inventory import Gateway, Inventory
 from controller.lease_store import Me
 from controller.metrics import ControllerMetrics, FleetCollector
 from controller.plan_service import Plans
@@ -59,55 +48,15 @@ from controller.replica import new_incarnation, replica_id
 from controller.replica_join import join_chain
 from controller.replica_metrics import ReplicaCollector
 from controller.replicas import Replicas
-from controller.schemas import (
-    CommandResult,
-    GatewayView,
-    PendingView,
-    Targets,
-)
-from controller.states import GatewayState, Pending, StateStore
-from controller.transport.link import GatewayLink, LinkRegistry, SessionFactory
-from controller.transport.protocol import AgentChange
-from controller.transport.ssh import AgentSession, load_private_key
+from controller.schemas import GatewayView, PendingView, Targets
+from controller.states import GatewayState, StateStore
+from controller.transport.link import LinkRegistry, SessionFactory
+from controller.transport.ssh import AgentSession
 from controller.web.plan_metrics import PlanStageCollector
 from controller.web.sources import DbPlanSource
 
-log = logging.getLogger("drawbridge.controller")
 
-Emit = Callable[[dict[str, Any]], None]
-STATE_OPS = ("isolate", "restore")
-CONFIRMED_OPS = ("isolate", "restore", "allow")  # may carry a confirmation deadline
-
-
-def _noop(event: dict[str, Any]) -> None:
-    del event
-
-
-def _short_id() -> str:
-    return uuid.uuid4().hex[:16]
-
-
-def audit_result(res: GatewayResult) -> dict[str, Any]:
-    """What the audit record keeps of one gateway's result (incl. probe evidence)."""
-    keep = res.model_dump(exclude={"result"}, exclude_none=True)
-    if res.result:
-        if "verification" in res.result:
-            keep["evidence"] = res.result["verification"]
-        if "probes" in res.result:
-            keep["probes"] = res.result["probes"]
-    return keep
-
-
-def _check_key(name: str, key_path: str) -> None:
-    """The controller's private key for a gateway: an absolute path that it can load."""
-    require_absolute_key(name, key_path)
-    try:
-        load_private_key(key_path)
-    except ConfigError as exc:
-        raise InputError(exc.message) from None
-
-
-class Controller:
+class Controller(GatewayAdmin, Commands):
     def __init__(self, config: ControllerConfig, *,
                  session_factory: SessionFactory = AgentSession,
                  clock: Callable[[], float] = time.time) -> None:
@@ -276,98 +225,7 @@ class Controller:
                          detail={"needed": role.name, "role": principal.role.name})
             raise exc
 
-    # -- inventory -----------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _inventory_change(self, principal: Principal, request: str, name: str
-                          ) -> Iterator[None]:
-        """Bad input to an inventory change is refused, audited, and changes nothing."""
-        try:
-            yield
-        except ValidationError as exc:
-            err = InputError(f"invalid gateway: {exc.errors()[0]['msg']}")
-            self.refused(principal, request, err, detail={"gateway": name})
-            raise err from None
-        except ControllerError as exc:
-            self.refused(principal, request, exc, detail={"gateway": name})
-            raise
-
-    def add_gateway(self, principal: Principal, *, name: str, address: str, user: str,
-                    key_path: str, host_key: str | None, trust_on_first_use: bool,
-                    groups: Sequence[str], reason: str, ticket: str | None) -> Gateway:
-        with self._inventory_change(principal, "gateway.add", name):
-            host, port = parse_address(address)
-            _check_key(name, key_path)
-            gw = Gateway(name=name, host=host, port=port, user=user, key_path=key_path,
-                         host_key=host_key, trust_on_first_use=trust_on_first_use,
-                         groups=tuple(groups), created_by=principal.user)
-            gw = self.inventory.add(gw)
-        self.states.delete(name)  # a re-added name starts with a clean slate
-        if self.replicas is not None and self.replicas.started:
-            self.replicas.tick()  # a new gateway gets its holder now, not at the next tick
-        self.record(AuditEvent(
-            actor=principal.user, action="gateway.add", outcome="ok", reason=reason,
-            ticket=ticket, targets=(name,),
-            detail={"address": gw.address, "user": gw.user, "key_path": gw.key_path,
-                    "host_key": gw.host_key, "trust_on_first_use": gw.trust_on_first_use,
-                    "groups": list(gw.groups)}))
-        return gw
-
-    def update_gateway(self, principal: Principal, name: str, *, reason: str,
-                       ticket: str | None, address: str | None = None,
-                       user: str | None = None, key_path: str | None = None,
-                       host_key: str | None = None, trust_on_first_use: bool = False
-                       ) -> Gateway:
-        """Re-pin a host key (the gateway was reinstalled, or its key rotated), rotate the
-        controller's key, follow a moved sshd: audited, and the session is reopened with
-        the new settings. State, pending change and history stay."""
-        changes: dict[str, object] = {}
-        with self._inventory_change(principal, "gateway.update", name):
-            if host_key is not None and trust_on_first_use:
-                raise InputError("give --host-key or --trust-on-first-use, not both")
-            if address is not None:
-                changes["host"], changes["port"] = parse_address(address)
-            if user is not None:
-                changes["user"] = user
-            if key_path is not None:
-                _check_key(name, key_path)
-                changes["key_path"] = key_path
-            if host_key is not None or trust_on_first_use:
-                changes.update(host_key=host_key, trust_on_first_use=trust_on_first_use)
-            if not changes:
-                raise InputError("nothing to change: give --host-key, --trust-on-first-use, "
-                                 "--key, --user or --address")
-            before, after = self.inventory.update(name, **changes)
-        self.links.remove(name)  # the next request connects with the new settings
-        old, new = before.model_dump(), after.model_dump()
-        fields = ("host", "port", "user", "key_path", "host_key", "trust_on_first_use")
-        self.record(AuditEvent(
-            actor=principal.user, action="gateway.update", outcome="ok", reason=reason,
-            ticket=ticket, targets=(name,),
-            detail={"changed": {f: [old[f], new[f]] for f in fields if old[f] != new[f]}}))
-        return after
-
-    def remove_gateway(self, principal: Principal, name: str, *, reason: str,
-                       ticket: str | None) -> Gateway:
-        try:
-            gw = self.inventory.remove(name)
-        except ControllerError as exc:
-            self.refused(principal, "gateway.remove", exc, detail={"gateway": name})
-            raise
-        last = self.states.get(name)
-        self.states.delete(name)
-        self.links.remove(name)
-        if self.replicas is not None:  # nobody will hold it: what it was owed is void
-            self.replicas.queue.drop(name, GatewayResult(
-                gateway=name, op="?", outcome="failed", ok=False, error_code="not_found",
-                message=f"{name} was removed from the inventory").model_dump(mode="json"))
-        self.record(AuditEvent(
-            actor=principal.user, action="gateway.remove", outcome="ok", reason=reason,
-            ticket=ticket, targets=(name,),
-            detail={"address": gw.address, "last_state": last.state,
-                    "last_profile": last.profile,
-                    "dropped_pending": last.pending.command_id if last.pending else None}))
-        return gw
+    # -- inventory (its changes: controller/gateway_admin.py) ----------------------------
 
     def views(self) -> list[GatewayView]:
         states = self.states.all()
@@ -401,70 +259,7 @@ class Controller:
             self.refused(principal, what, exc, detail={"targets": targets.model_dump()})
             raise
 
-    # -- commands ------------------------------------------------------------------------
-
-    def check_profile(self, principal: Principal, gateways: Sequence[Gateway],
-                      profile: str) -> None:
-        """Refuse a profile that a targeted gateway does not have (as its last status
-        said) before anything is sent to any gateway: bad input, not a failed command."""
-        missing = []
-        for gw in gateways:
-            known = self.states.get(gw.name).profiles
-            if known is not None and profile not in known:
-                missing.append(f"{gw.name} (it has: {', '.join(known)})")
-        if missing:
-            exc = InputError(f"unknown profile {profile!r} on {'; '.join(missing)}")
-            self.refused(principal, "isolate", exc, detail={"profile": profile})
-            raise exc
-
-    def isolate(self, principal: Principal, targets: Targets, *, profile: str, reason: str,
-                ticket: str | None, emit: Emit = _noop) -> CommandResult:
-        gateways = self.select(principal, targets, "isolate")
-        self.check_profile(principal, gateways, profile)
-        return self.run_command(
-            gateways, action="isolate", op="isolate", actor=principal.user, reason=reason,
-            ticket=ticket, args={"profile": profile}, emit=emit)
-
-    def restore(self, principal: Principal, targets: Targets, *, reason: str,
-                ticket: str | None, emit: Emit = _noop) -> CommandResult:
-        gateways = self.select(principal, targets, "restore")
-        return self.run_command(gateways, action="restore", op="restore", actor=principal.user,
-                                reason=reason, ticket=ticket, args={}, emit=emit)
-
-    def allow(self, principal: Principal, targets: Targets, *, flow: dict[str, Any],
-              reason: str, ticket: str | None, emit: Emit = _noop) -> CommandResult:
-        self.check_exception_breadth(principal, "allow", flow["cidr"])
-        gateways = self.select(principal, targets, "allow")
-        return self.run_command(gateways, action="allow", op="allow", actor=principal.user,
-                                reason=reason, ticket=ticket, args=flow, emit=emit)
-
-    def check_exception_breadth(self, principal: Principal, what: str, cidr: Any) -> None:
-        try:
-            check_breadth(ipaddress.ip_network(str(cidr)), principal, self.config.exceptions)
-        except ControllerError as exc:
-            self.refused(principal, what, exc, detail={"cidr": str(cidr)})
-            raise
-
-    def exceptions(self, principal: Principal, targets: Targets) -> list[GatewayResult]:
-        """The live exceptions of each gateway, asked now (a read: not audited)."""
-        gateways = self.select(principal, targets, "exceptions")
-        return self.read(gateways, "exceptions", actor=principal.user)
-
-    def change_exception(self, principal: Principal, op: str, *, gateway: str,
-                         exception_id: str, reason: str, ticket: str | None,
-                         duration_seconds: int | None = None) -> CommandResult:
-        """`extend` or `revoke` one exception of one gateway. Extending is held to the
-        same breadth rule as opening (the flow is read from the gateway first)."""
-        gateways = self.select(principal, Targets(gateways=(gateway,)), op)
-        args: dict[str, Any] = {"id": exception_id}
-        if op == "extend":
-            [listing] = self.read(gateways, "exceptions", actor=principal.user)
-            live = {e["id"]: e for e in (listing.result or {}).get("exceptions", [])}
-            if exception_id in live:
-                self.check_exception_breadth(principal, op, live[exception_id]["flow"]["cidr"])
-            args["duration_seconds"] = duration_seconds
-        return self.run_command(gateways, action=op, op=op, actor=principal.user,
-                                reason=reason, ticket=ticket, args=args)
+    # -- where requests go (the commands: controller/commands.py) ------------------------
 
     def read(self, gateways: Sequence[Gateway], op: str, *, actor: str,
              args: dict[str, Any] | None = None) -> list[GatewayResult]:
@@ -473,7 +268,7 @@ class Controller:
         if self.replicas is None:
             return self.fleet.run(gateways, op, lambda gw: dict(args or {}))
         command = QueuedCommand(
-            command_id=_short_id(), action=op, op=op, args=dict(args or {}), actor=actor,
+            command_id=short_id(), action=op, op=op, args=dict(args or {}), actor=actor,
             reason="", ticket=None, accepted_at=self.clock(),
             accepted_by=self.replicas.me.replica_id,
             accepted_incarnation=self.replicas.me.incarnation, audited=False)
@@ -498,249 +293,6 @@ class Controller:
             return list(gateways)
         held = self.replicas.held()
         return [g for g in gateways if g.name in held]
-
-    def probe(self, principal: Principal, targets: Targets, *, reason: str,
-              emit: Emit = _noop) -> CommandResult:
-        gateways = self.select(principal, targets, "probe")
-        return self.run_command(gateways, action="probe", op="probe", actor=principal.user,
-                                reason=reason or "probe", ticket=None, args={}, emit=emit)
-
-    def run_command(self, gateways: Sequence[Gateway], *, action: str, op: str, actor: str,
-                    reason: str, ticket: str | None, args: dict[str, Any],
-                    emit: Emit = _noop, command_id: str | None = None,
-                    detail: dict[str, Any] | None = None,
-                    retry_of: Pending | None = None) -> CommandResult:
-        """Audit the intent, fan out, keep each gateway's state, audit the results.
-
-        The command id is the envelope id of every request it sends and the hash of its
-        `requested` record goes with it: the agent journals both with the change (so the
-        controller's story and the gateways' can be compared: controller/reconcile.py),
-        and a request sent again under the same id is answered, not applied again. A
-        retry of an undelivered change (`retry_of`) therefore keeps its command's id."""
-        if retry_of is not None:
-            command_id = retry_of.command_id
-        command_id = command_id or _short_id()
-        names = [g.name for g in gateways]
-        started, t0 = self.clock(), time.perf_counter()
-        extra = dict(detail or {})
-        if retry_of is not None:
-            extra.update(retry_of=retry_of.command_id, attempt=retry_of.attempts + 1)
-        requested = self.record(AuditEvent(
-            actor=actor, action=action, outcome="requested", reason=reason, ticket=ticket,
-            targets=tuple(names), command_id=command_id,
-            detail={"op": op, "args": args, **extra}))
-        with self._inflight_lock:
-            self._inflight.add(command_id)
-        try:
-            result = self._fan_out(gateways, action=action, op=op, actor=actor,
-                                   reason=reason, ticket=ticket, args=args, emit=emit,
-                                   command_id=command_id, audit=requested.hash, extra=extra,
-                                   retry_of=retry_of, started=started, t0=t0)
-        finally:
-            with self._inflight_lock:
-                self._inflight.discard(command_id)
-        if op in STATE_OPS and any(r.ok for r in result.results):
-            self.checkpoints.request(f"after {action} {command_id}")
-        return result
-
-    def _fan_out(self, gateways: Sequence[Gateway], *, action: str, op: str, actor: str,
-                 reason: str, ticket: str | None, args: dict[str, Any], emit: Emit,
-                 command_id: str, audit: str, extra: dict[str, Any],
-                 retry_of: Pending | None, started: float, t0: float) -> CommandResult:
-        profile = args.get("profile") if op == "isolate" else None
-
-        def accept(candidates: Sequence[Gateway]) -> Sequence[Gateway]:
-            """Under the fleet's accept lock: the recorded intent follows accept order."""
-            chosen = list(candidates)
-            if retry_of is not None:  # only where nothing newer was accepted meanwhile
-                current = {g.name: self.states.get(g.name).pending for g in chosen}
-                chosen = [g for g in chosen if (p := current[g.name]) is not None
-                          and p.command_id == retry_of.command_id]
-            if op in STATE_OPS:
-                pending = Pending(
-                    command_id=command_id, action=action, op=op, args=args, actor=actor,
-                    reason=reason, ticket=ticket,
-                    accepted_at=retry_of.accepted_at if retry_of else started,
-                    attempts=retry_of.attempts + 1 if retry_of else 1)
-                self.states.update_many([g.name for g in chosen], pending=pending,
-                                        last_command_id=command_id)
-            emit({"event": "accepted", "command_id": command_id, "action": action,
-                  "targets": [g.name for g in chosen], "total": len(chosen)})
-            return chosen
-
-        rpc_args = {**args, "reason": reason, "actor": actor}
-        if op in CHANGE_OPS and ticket:
-            rpc_args["ticket"] = ticket
-        deadline = getattr(self.config.confirm, op, None) if op in CONFIRMED_OPS else None
-        if deadline is not None:
-            rpc_args.setdefault("confirm_within_seconds", deadline)
-        if op == "probe":
-            rpc_args = {}
-
-        def after(gw: Gateway, link: GatewayLink, res: GatewayResult) -> GatewayResult:
-            return self.settle_result(gw, link, res, command_id=command_id, op=op,
-                                      actor=actor, reason=reason)
-
-        mutating = op in CHANGE_OPS
-
-        def on_result(r: GatewayResult) -> None:
-            emit({"event": "result", "result": r.model_dump(mode="json")})
-
-        if self.replicas is not None:
-            results = self._queued(gateways, action=action, op=op, actor=actor, reason=reason,
-                                   ticket=ticket, args=args, command_id=command_id,
-                                   audit=audit if mutating else None, retry_of=retry_of,
-                                   started=started, emit=emit, on_result=on_result)
-        else:
-            results = self.fleet.run(
-                gateways, op, lambda gw: rpc_args, after=after, accept=accept,
-                on_result=on_result, request_id=command_id if mutating else None,
-                audit=audit if mutating else None)
-        names = [r.gateway for r in results]
-        counts = Counter(r.outcome for r in results)
-        ok = all(r.ok for r in results)
-        overall = "ok" if ok else ("failed" if not any(r.ok for r in results) else "partial")
-        if not results and gateways:
-            overall = "superseded"  # a retry that newer commands made moot
-        duration = time.perf_counter() - t0
-        log.info("%s %s by %s on %d gateway(s) in %.2fs: %s", action, command_id, actor,
-                 len(results), duration, dict(counts) or overall)
-        self.metrics.commands.labels(verb=action, result=overall).inc()
-        self.metrics.latency.labels(verb=action).observe(duration)
-        for r in results:
-            self.metrics.gateway_results.labels(verb=action, outcome=r.outcome).inc()
-        self.record(AuditEvent(
-            actor=actor, action=action, outcome=overall, reason=reason, ticket=ticket,
-            targets=tuple(names), command_id=command_id,
-            detail={"op": op, "args": args, "counts": dict(counts),
-                    "duration_seconds": round(duration, 4),
-                    "results": [audit_result(r) for r in results], **extra}))
-        if self.replicas is not None:  # nobody else need record it
-            me = self.replicas.me
-            self.replicas.queue.mark_reported(command_id, me.replica_id, me.incarnation)
-        return CommandResult(
-            command_id=command_id, action=action, op=op, actor=actor, reason=reason,
-            ticket=ticket, profile=profile, stage=extra.get("stage"), targets=names,
-            results=results, ok=ok, counts=dict(counts), started_at=started,
-            duration_seconds=duration)
-
-    def _queued(self, gateways: Sequence[Gateway], *, action: str, op: str, actor: str,
-                reason: str, ticket: str | None, args: dict[str, Any], command_id: str,
-                audit: str | None, retry_of: Pending | None, started: float, emit: Emit,
-                on_result: Callable[[GatewayResult], None]) -> list[GatewayResult]:
-        """As a replica: queue the command for the gateways' lease holders and wait for
-        their results (controller/replicas.py)."""
-        assert self.replicas is not None
-        me = self.replicas.me
-        command = QueuedCommand(command_id=command_id, action=action, op=op, args=args,
-                                actor=actor, reason=reason, ticket=ticket,
-                                accepted_at=started, accepted_by=me.replica_id,
-                                accepted_incarnation=me.incarnation, audit=audit)
-        pending = Pending(
-            command_id=command_id, action=action, op=op, args=args, actor=actor,
-            reason=reason, ticket=ticket,
-            accepted_at=retry_of.accepted_at if retry_of else started,
-            attempts=retry_of.attempts + 1 if retry_of else 1) if op in STATE_OPS else None
-
-        def accepted(names: list[str]) -> None:
-            emit({"event": "accepted", "command_id": command_id, "action": action,
-                  "targets": names, "total": len(names)})
-
-        return self.replicas.run(gateways, command, pending=pending, retry_of=retry_of,
-                                 on_accept=accepted, on_result=on_result)
-
-    def settle_result(self, gw: Gateway, link: GatewayLink, res: GatewayResult, *,
-                      command_id: str, op: str, actor: str, reason: str) -> GatewayResult:
-        """Runs on the fan-out thread, still holding the gateway's turn (as a replica: on
-        the replica holding the gateway's lease): what the gateway said becomes its
-        state; a change delivered (or refused for good) is no longer owed."""
-        if res.result and res.result.get("provisional"):
-            problem = self.confirm_provisional(gw, link, res.result["provisional"])
-            if problem is not None:
-                res = res.model_copy(update={"message": f"{res.message}; not confirmed "
-                                             f"({problem}): the agent rolls it back at its "
-                                             "deadline"})
-        now = self.clock()
-        self.host_key_bookkeeping(gw, link, res.error_code)
-        changes: dict[str, Any] = {}
-        if link.host_key_seen:
-            changes["host_key_seen"] = link.host_key_seen
-        if res.outcome not in ("unreachable", "refused"):
-            changes.update(reachable=True, last_contact_at=now, last_error_code=None,
-                           last_error=None)
-        else:
-            changes.update(reachable=False, last_error_code=res.error_code,
-                           last_error=res.message)
-        if res.result and op in CHANGE_OPS:
-            change = AgentChange.model_validate(res.result)
-            changes.update(state=change.state, profile=change.profile,
-                           verification=change.verification.status, in_sync=change.in_sync,
-                           generation=change.generation, problems=change.problems,
-                           observed_at=now)
-            if op not in EXCEPTION_OPS:
-                changes.update(since=now, gw_actor=actor, gw_reason=reason)
-        will_retry = res.outcome == "unreachable" and op in STATE_OPS
-
-        def settle(current: GatewayState) -> dict[str, Any]:
-            ours = current.pending is not None and current.pending.command_id == command_id
-            if ours and not will_retry:
-                return {**changes, "pending": None}  # delivered (or refused for good)
-            return changes
-
-        after = self.states.modify(gw.name, settle)
-        will_retry = will_retry and after.pending is not None \
-            and after.pending.command_id == command_id
-        if will_retry:
-            return res.model_copy(update={
-                "will_retry": True,
-                "message": res.message + " - will retry when the gateway answers"})
-        return res
-
-    def confirm_provisional(self, gw: Gateway, link: GatewayLink,
-                            provisional: dict[str, Any]) -> str | None:
-        """The gateway answered over its management path, so that path works: make its
-        provisional change final (commit-confirmed). Not confirming leaves the agent to
-        roll it back at its deadline, which is what a change that cut us off needs.
-        Returns why it could not confirm, or None."""
-        request_id = provisional.get("request_id")
-        try:
-            link.call("confirm", {"request_id": request_id, "actor": SYSTEM_ACTOR,
-                                  "reason": "the controller reaches the gateway"})
-        except ControllerError as exc:
-            log.warning("%s: confirming %s failed: %s", gw.name, request_id, exc)
-            return exc.message
-        self.record(AuditEvent(actor=SYSTEM_ACTOR, action="confirm", outcome="ok",
-                               reason=f"{provisional.get('action')} confirmed: the controller "
-                                      "reaches the gateway", targets=(gw.name,),
-                               detail={"request_id": request_id}))
-        return None
-
-    def host_key_bookkeeping(self, gw: Gateway, link: GatewayLink, code: str | None) -> None:
-        """Audit a refused host key once per key seen; pin a key trusted on first use."""
-        if code in ("host_key_mismatch", "host_key_unknown"):
-            err = link.last_error
-            presented = err.presented if isinstance(err, HostKeyMismatch) else "?"
-            with self._report_lock:
-                if self._mismatch_reported.get(gw.name) == presented:
-                    return
-                self._mismatch_reported[gw.name] = presented
-            self.record(AuditEvent(
-                actor=SYSTEM_ACTOR, action="hostkey.refused", outcome="refused",
-                reason=err.message if err else "host key refused", targets=(gw.name,),
-                detail={"expected": gw.host_key, "presented": presented,
-                        "address": gw.address, "code": code}))
-            return
-        if code is None and link.connected:
-            with self._report_lock:
-                self._mismatch_reported.pop(gw.name, None)
-            seen = link.host_key_seen
-            if gw.host_key is None and gw.trust_on_first_use and seen:
-                self.inventory.pin_host_key(gw.name, seen)
-                link.update(self.inventory.get(gw.name))
-                self.record(AuditEvent(
-                    actor=SYSTEM_ACTOR, action="hostkey.pinned", outcome="ok",
-                    reason="trust on first use, as asked at 'gateway add'", targets=(gw.name,),
-                    detail={"host_key": seen, "address": gw.address}))
 
     # -- polling and retries (controller/polling.py) ----------------------------------------
 
