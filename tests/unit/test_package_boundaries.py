@@ -11,7 +11,8 @@ import subprocess
 import sys
 
 # pure: validation of what users type (config, requests, free text), the wire's framing
-SHARED_AGENT_MODULES = {"agent", "agent.config", "agent.errors", "agent.requests",
+SHARED_AGENT_MODULES = {"agent", "agent.config", "agent.config_fields", "agent.config_policy",
+                        "agent.config_probes", "agent.errors", "agent.requests",
                         "agent.digest", "agent.durations", "agent.nettypes", "agent.text",
                         "agent.version",
                         "agent.wire"}
