@@ -1,9 +1,10 @@
 """`drawbridge`: the engineer's command line against the controller's API.
 
-The commands with fan-out (isolate, restore, allow, probe) and the reads (status,
-history, report, whoami) are here; the command groups are modules of their own:
-`gateway` and `token` (controller/cli_inventory.py), `audit` (controller/cli_audit.py),
-`plan` (controller/cli_plans.py).
+The commands with fan-out (isolate, restore, probe; their progress, results table and
+exit code: controller/cli_fanout.py) and the reads (status, history, report, whoami)
+are here; the command groups are modules of their own: `allow`
+(controller/cli_exceptions.py), `gateway` and `token` (controller/cli_inventory.py),
+`audit` (controller/cli_audit.py), `plan` (controller/cli_plans.py).
 
 Environment: DRAWBRIDGE_URL (default http://127.0.0.1:8630), DRAWBRIDGE_TOKEN.
 
@@ -20,18 +21,14 @@ import csv
 import json
 import sys
 from pathlib import Path
-from types import MappingProxyType
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from typer.core import TyperGroup
 
 from agent.version import version_callback
 from controller.cli_audit import audit_app
 from controller.cli_common import (
-    EXIT_CONTROLLER,
     EXIT_FAILED,
     EXIT_INPUT,
     EXIT_UNVERIFIED,
@@ -51,6 +48,8 @@ from controller.cli_common import (
     targets,
     when,
 )
+from controller.cli_exceptions import allow_app
+from controller.cli_fanout import finish, run_command
 from controller.cli_inventory import gateway_app, token_app
 from controller.cli_plans import plan_app, restore_with_plan
 from controller.client import ClientError
@@ -73,6 +72,7 @@ app.add_typer(gateway_app, name="gateway")
 app.add_typer(audit_app, name="audit")
 app.add_typer(token_app, name="token")
 app.add_typer(plan_app, name="plan")
+app.add_typer(allow_app, name="allow")
 
 
 @app.callback()
@@ -81,88 +81,7 @@ def main_options(_version: Annotated[bool, typer.Option(
         help="Print the version and exit.")] = False) -> None:
     pass  # the options every command shares; the help is the app's (HELP)
 
-# -- commands with fan-out ---------------------------------------------------------------
-
-OUTCOME_STYLE = MappingProxyType({
-    "verified": "green", "applied": "green", "unverified": "yellow", "failed": "red",
-    "unreachable": "red", "refused": "bold red"})
-
-
-def run_command(path: str, body: dict[str, Any], as_json: bool) -> dict[str, Any]:
-    """POST a command, streaming per-gateway results into a progress bar."""
-    api = client()
-    final: dict[str, Any] | None = None
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=err, transient=True,
-                        disable=as_json or not err.is_terminal)
-    task = None
-    try:
-        with progress:
-            for event in api.stream(path, body):
-                kind = event.get("event")
-                if kind == "accepted":
-                    label = f"{event.get('action', '')} {event.get('total', 0)} gateway(s)"
-                    if task is not None:
-                        progress.remove_task(task)
-                    task = progress.add_task(label, total=event.get("total", 0))
-                elif kind == "stage" and not as_json:
-                    progress.console.print(f"stage [bold]{event['name']}[/]: {event['action']}"
-                                           + (f" (profile {event['profile']})"
-                                              if event.get("profile") else "")
-                                           + f" on {', '.join(event['gateways'])}",
-                                           highlight=False)
-                elif kind == "result" and task is not None:
-                    progress.advance(task)
-                elif kind == "done":
-                    final = event["result"]
-                elif kind == "error":
-                    error = event.get("error", {})
-                    fail(error.get("message", "the command failed"), EXIT_CONTROLLER)
-    except ClientError as exc:
-        fail(str(exc), exit_code_for(exc))
-    finally:
-        api.close()
-    if final is None:
-        fail("the controller ended the command stream without a result; see "
-             "'drawbridge history'", EXIT_CONTROLLER)
-    return final
-
-
-def results_table(cmd: dict[str, Any]) -> Table:
-    table = Table("gateway", "result", "state", "profile", "verification", "ms", "detail",
-                  title=f"{cmd['action']} {cmd['command_id']}" + (
-                      f" - stage {cmd['stage']}" if cmd.get("stage") else ""))
-    for r in cmd["results"]:
-        style = OUTCOME_STYLE.get(r["outcome"], "")
-        table.add_row(r["gateway"], f"[{style}]{r['outcome']}[/]" if style else r["outcome"],
-                      r.get("state") or "-", r.get("profile") or "-",
-                      r.get("verification") or "-", f"{r['duration_seconds'] * 1000:.0f}",
-                      r.get("message") or "")
-    return table
-
-
-def command_exit(commands: list[dict[str, Any]], stopped: bool = False) -> int:
-    outcomes = [r["outcome"] for c in commands for r in c["results"]]
-    if stopped or any(o in ("failed", "unreachable", "refused") for o in outcomes):
-        return EXIT_FAILED
-    if any(o == "unverified" for o in outcomes):
-        return EXIT_UNVERIFIED
-    return 0
-
-
-def finish(result: dict[str, Any], as_json: bool) -> NoReturn:
-    if as_json:
-        print_json(result)
-    else:
-        out.print(results_table(result))
-        counts = ", ".join(f"{v} {k}" for k, v in sorted(result["counts"].items()))
-        out.print(f"{len(result['results'])} gateway(s) in {result['duration_seconds']:.2f}s: "
-                  f"{counts}", highlight=False)
-        retry = [r["gateway"] for r in result["results"] if r.get("will_retry")]
-        if retry:
-            out.print(f"pending, retried when they answer again: {', '.join(retry)}",
-                      highlight=False)
-    raise typer.Exit(command_exit([result]))
+# -- commands with fan-out (their output: controller/cli_fanout.py) ---------------------
 
 
 @app.command()
@@ -207,115 +126,6 @@ def restore(
     if from_stage or through:
         fail("--from and --through need --plan", EXIT_INPUT)
     finish(run_command("/v1/restore", body, as_json), as_json)
-
-
-class OpenByDefault(TyperGroup):
-    """`drawbridge allow GW --cidr ...` opens an exception (the `open` command) while
-    `allow list|extend|revoke` are commands of their own: click has no default
-    subcommand, so anything that is not one is handed to `open`."""
-
-    def resolve_command(self, ctx: Any, args: list[str]) -> Any:  # typer vendors click
-        if args and args[0] not in self.commands:
-            args = ["open", *args]
-        return super().resolve_command(ctx, args)
-
-
-allow_app = typer.Typer(
-    cls=OpenByDefault, no_args_is_help=True, rich_markup_mode=None,
-    help="Exceptions: one exact flow through isolation, until it expires (the kernel closes "
-    "it). `drawbridge allow GW... --cidr C --proto tcp --port 443 --for 4h --reason R` opens "
-    "one (the same as `allow open`).")
-app.add_typer(allow_app, name="allow")
-
-
-def _seconds(duration: str) -> int:
-    from agent.requests import parse_duration
-
-    try:
-        return parse_duration(duration)
-    except ValueError as exc:
-        fail(f"--for: {exc}", EXIT_INPUT)
-
-
-@allow_app.command("open")
-def allow(
-    cidr: Annotated[str, typer.Option(
-        help="One remote network, e.g. 203.0.113.0/24 (operators: /24 or /48 at most).")],
-    proto: Annotated[str, typer.Option(help="tcp, udp or icmp (echo).")],
-    duration: Annotated[str, typer.Option("--for", help="Lifetime: 90s, 15m, 4h, 2d.")],
-    reason: ReasonOpt,
-    names: NamesArg = None,
-    port: Annotated[list[str] | None, typer.Option(
-        help="Port or range (repeatable; required for tcp and udp).")] = None,
-    direction: Annotated[str, typer.Option(
-        help="out: the inside opens connections to the network (default); in: the network "
-        "opens connections to the inside; both.")] = "out",
-    group: GroupOpt = None,
-    all_: AllOpt = False,
-    ticket: TicketOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Open one flow through isolation until it expires (the kernel closes it)."""
-    ports: list[Any] = [int(p) if p.isdigit() else p for p in port or []]
-    body = {"targets": targets(names, group, all_), "cidr": cidr, "proto": proto,
-            "ports": ports, "direction": direction, "duration_seconds": _seconds(duration),
-            "reason": reason, "ticket": ticket}
-    finish(run_command("/v1/allow", body, as_json), as_json)
-
-
-@allow_app.command("list")
-def allow_list(
-    names: Annotated[list[str], typer.Argument(help="Gateway names.")],
-    as_json: JsonOpt = False,
-) -> None:
-    """The live exceptions of these gateways, with ids and remaining lifetime."""
-    results = call("GET", "/v1/exceptions", gateway=names)
-    if as_json:
-        print_json(results)
-    else:
-        table = Table("gateway", "id", "flow", "direction", "left", "by", "reason")
-        for r in results:
-            if not r["ok"]:
-                table.add_row(r["gateway"], "-", f"[red]{r['outcome']}[/]: {r['message']}",
-                              "", "", "", "")
-                continue
-            for e in (r.get("result") or {}).get("exceptions", []):
-                flow = e["flow"]
-                ports = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in flow["ports"])
-                table.add_row(r["gateway"], e["id"],
-                              f"{flow['cidr']} {flow['proto']}/{ports or 'echo'}",
-                              flow["direction"], f"{e['remaining_seconds']}s", e["actor"],
-                              e["reason"])
-        out.print(table)
-    raise typer.Exit(0 if all(r["ok"] for r in results) else EXIT_FAILED)
-
-
-@allow_app.command("extend")
-def allow_extend(
-    gateway: Annotated[str, typer.Argument(help="The gateway.")],
-    exception_id: Annotated[str, typer.Argument(metavar="ID", help="From `allow list`.")],
-    duration: Annotated[str, typer.Option("--for", help="New lifetime from now: 2h, 1d.")],
-    reason: ReasonOpt,
-    ticket: TicketOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Give one live exception a new lifetime, counted from now."""
-    body = {"gateway": gateway, "id": exception_id, "duration_seconds": _seconds(duration),
-            "reason": reason, "ticket": ticket}
-    finish(call("POST", "/v1/allow/extend", body), as_json)
-
-
-@allow_app.command("revoke")
-def allow_revoke(
-    gateway: Annotated[str, typer.Argument(help="The gateway.")],
-    exception_id: Annotated[str, typer.Argument(metavar="ID", help="From `allow list`.")],
-    reason: ReasonOpt,
-    ticket: TicketOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Close one live exception now."""
-    body = {"gateway": gateway, "id": exception_id, "reason": reason, "ticket": ticket}
-    finish(call("POST", "/v1/allow/revoke", body), as_json)
 
 
 @app.command()
