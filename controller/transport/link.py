@@ -100,8 +100,15 @@ class GatewayLink:
         return session is not None and session.alive
 
     def update(self, gateway: Gateway) -> None:
-        """New inventory data (e.g. a key pinned on first use); used at the next connect."""
-        self.gateway = gateway
+        """New inventory data, used at the next connect. A session opened with other
+        connection settings is closed now: `gateway update` on one replica reaches the
+        session held by another this way (a key pinned on first use keeps it)."""
+        old, self.gateway = self.gateway, gateway
+        pinned = old.host_key is None and gateway.host_key is not None
+        if (old.host, old.port, old.user, old.key_path) != \
+                (gateway.host, gateway.port, gateway.user, gateway.key_path) or \
+                (old.host_key != gateway.host_key and not pinned):
+            self._drop()
 
     def _failed(self, exc: TransportError) -> None:
         self.last_error = exc

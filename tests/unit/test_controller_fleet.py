@@ -192,3 +192,22 @@ def test_agent_errors_keep_the_session() -> None:
     with pytest.raises(AgentError, match="unknown profile"):
         link.call("isolate", {"profile": "x"})
     assert link.connected
+
+
+def test_changed_connection_settings_close_the_kept_session() -> None:
+    """`gateway update` on another replica reaches this one through the inventory: a
+    session opened with the old address or key must not carry on; a first-use pin must
+    not cost a reconnect."""
+    fake = FakeFleet(["a"])
+    links = LinkRegistry(SETTINGS, session_factory=fake.factory)
+    tofu = Gateway(name="a", host="10.99.0.100", key_path="/k", trust_on_first_use=True)
+    links.get(tofu).call("status", {})
+    pinned = tofu.model_copy(update={"host_key": KEY_A})
+    links.get(pinned).call("status", {})
+    assert fake.agents["a"].connects == 1
+    links.get(pinned.model_copy(update={"port": 2222})).call("status", {})
+    assert fake.agents["a"].connects == 2
+    repinned = pinned.model_copy(update={"port": 2222, "host_key": KEY_B})
+    fake.agents["a"].host_key = KEY_B  # reinstalled: the operator pinned its new key
+    links.get(repinned).call("status", {})
+    assert fake.agents["a"].connects == 3
