@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,20 +152,27 @@ def _set_difference(expected: frozenset[Any], found: frozenset[Any]) -> tuple[se
     return missing, extra
 
 
-def expected_elements(policy: Policy) -> dict[str, frozenset[ElementKey]]:
-    """What every set of ours must hold for `policy` (the dynamic `live` set aside)."""
+def expected_elements(policy: Policy, names: Collection[str] | None = None
+                      ) -> dict[str, frozenset[ElementKey]]:
+    """What every set of ours (or just the sets in `names`) must hold for `policy`, the
+    dynamic `live` set aside. Reading back only the exception sets after an element
+    change must not cost a canonical form of every allowlist element: `names`."""
     spoof = policy.antispoof
-    sets: dict[str, frozenset[ElementKey]] = {"internal_ifs": frozenset(spoof.interfaces)}
+    sets: dict[str, frozenset[ElementKey]] = {}
+
+    def put(name: str, elements: Iterable[ElementKey]) -> None:
+        if names is None or name in names:  # a generator left unread costs nothing
+            sets[name] = frozenset(elements)
+
+    put("internal_ifs", spoof.interfaces)
     for fam in (4, 6):
-        pins = [(i, n) for i, n in spoof.pins if n.version == fam]
-        sets[set_name("internal", fam)] = frozenset(
-            str(n) for n in policy.internal if n.version == fam)
-        sets[set_name("mgmt_pin", fam)] = frozenset((i, str(n)) for i, n in pins)
-        sets[set_name("claimed", fam)] = frozenset(str(n) for n in claimed(policy, fam))
-        sets[set_name("mgmt_rpf", fam)] = frozenset(
-            str(n) for n in spoof.reverse_path if n.version == fam)
+        put(set_name("internal", fam), (str(n) for n in policy.internal if n.version == fam))
+        put(set_name("mgmt_pin", fam), ((i, str(n)) for i, n in spoof.pins if n.version == fam))
+        put(set_name("claimed", fam), (str(n) for n in claimed(policy, fam)))
+        put(set_name("mgmt_rpf", fam),
+            (str(n) for n in spoof.reverse_path if n.version == fam))
     for name, elements in policy.sets.items():
-        sets[name] = frozenset(flow_key(el) for el in elements)
+        put(name, (flow_key(el) for el in elements))
     return sets
 
 
@@ -188,7 +195,7 @@ def compare(policy: Policy | None, live: Facts, reference: Facts | None = None) 
         return ["table inet drawbridge is missing"]
     problems = [] if reference is None else structure_differences(reference, live)
     fading = _fading(policy)
-    for name, expected in expected_elements(policy).items():
+    for name, expected in expected_elements(policy, live.sets.keys()).items():
         found = live.sets.get(name)
         if found is None or not live.with_elements:
             continue  # a missing set is a structure difference

@@ -197,6 +197,16 @@ def test_compare_reports_missing_extra_and_open_state() -> None:
         "set internal4: 0 elements missing, 1 unexpected; unexpected e.g. 0.0.0.0/0"]
 
 
+
+def test_expected_elements_of_named_sets_are_the_same_as_in_the_whole() -> None:
+    """The exception sets' read-back asks only for those sets; what it gets must be
+    what the whole computation says about them."""
+    policy = build_policy(make_config(), "internet", now=NOW)
+    whole = expected_elements(policy)
+    names = {"internal4", "exc_out4", "mgmt_pin6", "no_such_set"}
+    assert expected_elements(policy, names) == {n: whole[n] for n in names if n in whole}
+    assert "internal4" in whole and len(whole) > len(names)
+
 def test_a_rule_replaced_in_place_with_its_comment_kept_is_drift() -> None:
     ref = _reference()
     replaced = (ref.rules[0], ("forward", "drop", '[{"counter":"x"},{"accept":null}]'))
