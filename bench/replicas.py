@@ -300,8 +300,10 @@ def render(r: dict[str, Any], rounds: int) -> str:
     lines = [
         SECTION, "",
         f"`.venv/bin/python -m bench.replicas` on {today}; {machine()}; "
-        f"state machine: main at the replicas merge (controller replicas on PostgreSQL, "
-        "lease TTL 6 s, renewed every 2 s).",
+        "controller replicas on PostgreSQL, lease TTL 6 s, renewed every 2 s. "
+        + ("1-min load average {:.1f} before the run, {:.1f} at its end (the run's own "
+           "1,000 sessions and Ansible's forks load these 2 CPUs).".format(*r["load"])
+           if "load" in r else ""),
         "",
         f"{n} simulated gateways (`drawbridge_lab.simagents`): one process, one real SSH "
         "server (asyncssh) answering every gateway's address like `drawbridge-agent rpc` "
@@ -373,8 +375,7 @@ def render(r: dict[str, Any], rounds: int) -> str:
         "box are no faster than one (on two hosts each would carry half). At small N the "
         "CLI's own start (Python imports, `ip netns exec`: about 1 s) and a controller "
         "busy with 1,000 sessions and their polls dominate; Ansible's cost grows with "
-        "every host (an ssh process and a fork each). The machine was shared with other "
-        "sessions' test runs (load average between 1 and 45 during this run).",
+        "every host (an ssh process and a fork each).",
         ""]
     return "\n".join(lines)
 
@@ -398,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if os.geteuid() != 0:
         sys.exit("needs root (namespaces)")
+    load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
     try:
         with PostgresServer.start() as pg, Lab.create(gateways=1, services=False) as lab:
@@ -420,6 +422,9 @@ def main(argv: list[str] | None = None) -> None:
                 bench.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result["load"] = [load_before, os.getloadavg()[0]]
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
     text = render(result, args.rounds)
     print(text)
     if not args.no_write:
