@@ -169,8 +169,12 @@ class Polls:
                     f"{now - p.accepted_at:.0f}s ago (command {p.command_id}); it was never "
                     "delivered", {"command_id": p.command_id})])
                 continue
-            if p.delivered(st):
-                self._forget(gw.name, p)
+            if p.delivered(st):  # the request got there after all; only its answer was lost
+                if self._forget(gw.name, p):
+                    self.record_events(gw, [StateEvent(
+                        "pending_delivered", f"{gw.name}: {p.action} (command "
+                        f"{p.command_id}) found applied; its answer had been lost",
+                        {"command_id": p.command_id})])
                 continue
             batches.setdefault(p.command_id, (p, []))[1].append(gw)
         for p, members in batches.values():

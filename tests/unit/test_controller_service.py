@@ -88,6 +88,26 @@ def test_unreachable_gateway_is_reported_and_retried(ctl: Controller,
     assert ("state.reachable", "observed") in actions(ctl, gateway="gw2")
 
 
+
+def test_a_pending_change_that_arrived_after_all_is_recorded_not_sent_again(
+        ctl: Controller, fake_fleet: FakeFleet) -> None:
+    """A request lost in a cut link can still reach the agent when the link returns
+    (TCP retransmits it): the poll finds it applied, drops the pending change without
+    sending it again, and says so in the audit log under the command's id."""
+    agent = fake_fleet.agents["gw2"]
+    agent.up = False
+    res = ctl.isolate(OPERATOR, Targets(gateways=("gw2",)), profile="internet",
+                      reason="incident", ticket=None)
+    agent.up, agent.state, agent.profile = True, "isolated", "internet"
+    agent.actor, agent.reason = "olga", "incident"  # what the late request journaled
+    time.sleep(0.06)  # past the backoff
+    ctl.poll_once()
+    assert [op for op, _ in agent.calls if op not in ("ping", "status")] == []
+    assert next(v for v in ctl.views() if v.name == "gw2").pending is None
+    found = ctl.history(HistoryQuery(action="state.pending_delivered"))
+    assert [(r.targets, r.detail["command_id"]) for r in found] == \
+        [(["gw2"], res.command_id)]
+
 def test_newer_command_replaces_a_pending_one(ctl: Controller, fake_fleet: FakeFleet) -> None:
     fake_fleet.agents["gw1"].up = False
     ctl.isolate(OPERATOR, Targets(gateways=("gw1",)), profile="full", reason="x", ticket=None)
