@@ -91,7 +91,9 @@ class LibNft:
         return ctx
 
     def _context(self) -> int:
-        # setns(2) is per thread: a context belongs to the namespace it was opened in
+        # setns(2) is per thread: a context belongs to the namespace it was opened in.
+        # (An agent lives in one namespace; a process hopping between namespaces that
+        # are deleted and re-created could meet a reused inode: call close() between.)
         netns = os.stat("/proc/thread-self/ns/net").st_ino
         ctx = self._kept.get(netns)
         if ctx is None:
