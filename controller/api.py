@@ -30,9 +30,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from controller.api_audit import audit_router
 from controller.api_deps import Admin, Operator, Viewer, client_address
+from controller.api_inventory import inventory_router
 from controller.api_plans import plans_router
 from controller.audit import HistoryQuery
-from controller.auth import Principal, Role, TokenInfo
+from controller.auth import Principal
 from controller.command_path import Emit
 from controller.errors import ControllerError, InputError, Unauthorized
 from controller.fleet import GatewayResult
@@ -42,9 +43,6 @@ from controller.schemas import (
     CommandResult,
     ErrorResponse,
     ExtendBody,
-    GatewayAddBody,
-    GatewayRemoveBody,
-    GatewayUpdateBody,
     GatewayView,
     Health,
     HistoryResponse,
@@ -53,8 +51,6 @@ from controller.schemas import (
     RestoreBody,
     RevokeBody,
     Targets,
-    TokenCreateBody,
-    TokenCreated,
 )
 from controller.service import Controller
 from controller.timeparse import parse_when
@@ -232,6 +228,7 @@ def create_app(ctl: Controller) -> FastAPI:
     app.include_router(ui_router(ui))
     app.include_router(audit_router(ctl))
     app.include_router(plans_router(ctl))
+    app.include_router(inventory_router(ctl))
 
     @app.exception_handler(ControllerError)
     async def _controller_error(request: Request, exc: ControllerError) -> JSONResponse:
@@ -277,32 +274,6 @@ def create_app(ctl: Controller) -> FastAPI:
             return {"replica_mode": False, "me": None, "replicas": []}
         return {"replica_mode": True, "me": ctl.replicas.me.replica_id,
                 "replicas": [dataclasses.asdict(r) for r in ctl.replicas.overview()]}
-
-    # -- inventory -------------------------------------------------------------------------
-
-    @app.get("/v1/gateways", response_model=list[GatewayView], tags=["inventory"])
-    def list_gateways(p: Viewer) -> list[GatewayView]:
-        return ctl.views()
-
-    @app.post("/v1/gateways", response_model=GatewayView, status_code=201, tags=["inventory"])
-    def add_gateway(body: GatewayAddBody, p: Admin) -> GatewayView:
-        gw = ctl.add_gateway(p, name=body.name, address=body.address, user=body.user,
-                             key_path=body.key_path, host_key=body.host_key,
-                             trust_on_first_use=body.trust_on_first_use, groups=body.groups,
-                             reason=body.reason, ticket=body.ticket)
-        return next(v for v in ctl.views() if v.name == gw.name)
-
-    @app.patch("/v1/gateways/{name}", response_model=GatewayView, tags=["inventory"])
-    def update_gateway(name: str, body: GatewayUpdateBody, p: Admin) -> GatewayView:
-        ctl.update_gateway(p, name, reason=body.reason, ticket=body.ticket,
-                           address=body.address, user=body.user, key_path=body.key_path,
-                           host_key=body.host_key, trust_on_first_use=body.trust_on_first_use)
-        return next(v for v in ctl.views() if v.name == name)
-
-    @app.delete("/v1/gateways/{name}", tags=["inventory"])
-    def remove_gateway(name: str, body: GatewayRemoveBody, p: Admin) -> dict[str, str]:
-        ctl.remove_gateway(p, name, reason=body.reason, ticket=body.ticket)
-        return {"removed": name}
 
     @app.get("/v1/status", response_model=list[GatewayView], tags=["state"])
     def status(p: Viewer, refresh: bool = False) -> list[GatewayView]:
@@ -433,22 +404,5 @@ def create_app(ctl: Controller) -> FastAPI:
         records = ctl.history(HistoryQuery(since=window.since, until=window.until,
                                            gateway=gateway, limit=limit))
         return to_annotations(records)
-
-    # -- users -----------------------------------------------------------------------------
-
-    @app.post("/v1/tokens", response_model=TokenCreated, status_code=201, tags=["users"])
-    def create_token(body: TokenCreateBody, p: Admin) -> TokenCreated:
-        try:
-            token = ctl.create_token(user=body.user, role=Role.parse(body.role),
-                                     created_by=p.user, reason=body.reason,
-                                     ticket=body.ticket, description=body.description)
-        except ControllerError as exc:
-            ctl.refused(p, "token.create", exc)
-            raise
-        return TokenCreated(token=token, user=body.user, role=body.role)
-
-    @app.get("/v1/tokens", response_model=list[TokenInfo], tags=["users"])
-    def list_tokens(p: Admin) -> list[TokenInfo]:
-        return ctl.tokens.list()
 
     return app
