@@ -26,6 +26,7 @@ from controller.cli_common import (
     out,
     print_json,
     when,
+    write_or_print,
 )
 
 # A checkpoint's head hash commits to every record before it: the newest checkpoints of
@@ -132,13 +133,7 @@ def checkpoint_export(
     as JSON: keep it somewhere the controller's operators cannot write."""
     data = call("GET", "/v1/audit/checkpoints", last=last)
     text = json.dumps(data, indent=2)
-    if output is None:
-        print(text)
-        return
-    try:
-        output.write_text(text + "\n", encoding="utf-8")
-    except OSError as exc:
-        fail(f"cannot write {output}: {exc.strerror}", EXIT_INPUT)
+    write_or_print(text, output)
     if as_json:
         print_json({"output": str(output), "checkpoints": len(data["checkpoints"]),
                     "key_id": data["key_id"]})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -42,6 +43,17 @@ def print_json(data: Any) -> None:
 def fail(message: str, code: int) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
+
+
+def write_or_print(text: str, output: Path | None) -> None:
+    """`text` to the file `output` (a trailing newline added), or to stdout without one."""
+    if output is None:
+        print(text)
+        return
+    try:
+        output.write_text(text + "\n", encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror}", EXIT_INPUT)
 
 
 def exit_code_for(exc: ClientError) -> int:

@@ -29,6 +29,7 @@ from rich.table import Table
 from agent.config import parse_listen
 from agent.version import version_callback
 from controller.auth import Role
+from controller.cli_common import write_or_print
 from controller.config import ControllerConfig, load_config
 from controller.errors import ControllerError
 
@@ -294,13 +295,7 @@ def checkpoint_export(
         text = exported.model_dump_json(indent=2)
     finally:
         ctl.close()
-    if output is None:
-        print(text)
-        return
-    try:
-        output.write_text(text + "\n", encoding="utf-8")
-    except OSError as exc:
-        fail(f"cannot write {output}: {exc.strerror}", 2)
+    write_or_print(text, output)
     count = len(exported.checkpoints)
     if as_json:
         print(json.dumps({"output": str(output), "checkpoints": count}))
