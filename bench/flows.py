@@ -236,7 +236,7 @@ def report(results: dict[str, Any]) -> str:
             "a conntrack direction check and a connection-id set update to each allowed "
             "packet, and an anti-spoofing chain before conntrack; veth in namespaces on a "
             "shared 2-core machine is noisy, so compare rows of one run. A max far above "
-            "its median is one call: a garbage-collector pass over the large policy, or the "
+            "its median is one call, most likely a garbage-collector pass over the large policy, or the "
             "first command after another process (`nft -f` above) changed the ruleset, "
             "which makes libnftables refetch its cache. The agent keeps one libnftables "
             "context: closing one after a removal waits for the kernel's clean-up "
