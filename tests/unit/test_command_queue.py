@@ -7,6 +7,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -146,9 +147,15 @@ def test_skip_locked_passes_over_a_row_being_claimed(pg_url: str) -> None:
         with other.begin() as conn:  # another claimant holds c1's row of gw0
             conn.execute(sa.text("SELECT seq FROM commands WHERE seq = :s FOR UPDATE"),
                          {"s": c1[0]})
-            t0 = time.monotonic()
-            claimed = q.claim(A.replica_id, A.incarnation)
-            assert time.monotonic() - t0 < 2.0  # not waiting for the lock
+            # a claim that waited for the lock would wait for this block to end: run it
+            # aside and see it return while the lock is still held
+            box: list[Any] = []
+            worker = threading.Thread(
+                target=lambda: box.append(q.claim(A.replica_id, A.incarnation)), daemon=True)
+            worker.start()
+            worker.join(60)
+            assert box, "the claim waited for the row another claimant holds"
+            claimed = box[0]
             # gw0's row skipped, and gw0's later row not run ahead of it
             assert [(c.command.command_id, c.gateway) for c in claimed] == [
                 ("c1", "gw1"), ("c1", "gw2")]
