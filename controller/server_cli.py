@@ -29,7 +29,6 @@ from rich.table import Table
 from agent.config import parse_listen
 from agent.version import version_callback
 from controller.auth import Role
-from controller.cli_common import write_or_print
 from controller.config import ControllerConfig, load_config
 from controller.errors import ControllerError
 
@@ -295,6 +294,8 @@ def checkpoint_export(
         text = exported.model_dump_json(indent=2)
     finally:
         ctl.close()
+    from controller.cli_common import write_or_print  # brings the HTTP client: here only
+
     write_or_print(text, output)
     count = len(exported.checkpoints)
     if as_json:
